@@ -1,0 +1,35 @@
+"""transformers-vhead: value-head language models as first-class Hugging Face transformers models.
+
+Importing the package registers its config and model classes with transformers' auto classes, so
+`AutoModelForCausalLM.from_pretrained(path)` loads a saved value-head model without `trust_remote_code`.
+"""
+
+from .auto import register
+from .configuration import CausalLMWithValueHeadConfig, Seq2SeqLMWithValueHeadConfig, ValueHeadConfig
+from .heads import ValueHead
+from .loading import HeadSource
+from .modeling import (
+    AutoModelForCausalLMWithValueHead,
+    AutoModelForSeq2SeqLMWithValueHead,
+    CausalLMOutputWithValue,
+    PreTrainedModelWrapper,
+    Seq2SeqLMOutputWithValue,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoModelForCausalLMWithValueHead",
+    "AutoModelForSeq2SeqLMWithValueHead",
+    "CausalLMOutputWithValue",
+    "CausalLMWithValueHeadConfig",
+    "HeadSource",
+    "PreTrainedModelWrapper",
+    "Seq2SeqLMOutputWithValue",
+    "Seq2SeqLMWithValueHeadConfig",
+    "ValueHead",
+    "ValueHeadConfig",
+    "register",
+]
+
+register()

@@ -1,0 +1,69 @@
+"""Model cards (`README.md`) for saved value-head models, rendered from the templates in `model_cards/`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from .configuration import ValueHeadConfig, describe_v_head_init, resolve_hidden_size
+
+# Wheels ship the templates inside the package; a source checkout (and an editable install) keeps them at the top.
+_TEMPLATE_DIRS = (Path(__file__).parent / "model_cards", Path(__file__).parent.parent / "model_cards")
+
+
+def template_path(name: str) -> Path:
+    """The path of the model card template `name` (e.g. `"value_head_model.md"`)."""
+    for directory in _TEMPLATE_DIRS:
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(f"Model card template {name!r} not found in {', '.join(map(str, _TEMPLATE_DIRS))}.")
+
+
+def hub_base_model(name_or_path: str | None) -> str | None:
+    """`name_or_path` if it names a hub repo (the `base_model` a card may declare), else `None` (a local path)."""
+    if not name_or_path or os.path.exists(name_or_path):
+        return None
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return None
+    return name_or_path
+
+
+def render_model_card(config: ValueHeadConfig, name_or_path: str) -> ModelCard:
+    """The card of a value-head model saved at (or pushed to) `name_or_path`.
+
+    Args:
+        config: the model's config.
+        name_or_path: where the model is saved, used in the usage snippet.
+
+    Returns:
+        A `huggingface_hub.ModelCard` whose YAML metadata declares `library_name: transformers`, the tags
+        `transformers-vhead` and `value-head`, the `pipeline_tag`, and `base_model` when the wrapped model came from
+        the hub.
+    """
+    base_model_type = config.text_config.model_type
+    card_data = ModelCardData(
+        library_name="transformers",
+        tags=["transformers-vhead", "value-head", base_model_type],
+        base_model=hub_base_model(config.base_model_name_or_path),
+        pipeline_tag="text2text-generation" if config.is_encoder_decoder else "text-generation",
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path("value_head_model.md")),
+        model_name=Path(str(name_or_path)).name or str(name_or_path),
+        name_or_path=str(name_or_path),
+        model_kind=config.base_model_kind,
+        auto_class="AutoModelForSeq2SeqLM" if config.is_encoder_decoder else "AutoModelForCausalLM",
+        is_encoder_decoder=config.is_encoder_decoder,
+        base_model_type=base_model_type,
+        hidden_size=resolve_hidden_size(config.text_config),
+        summary_dropout_prob=config.summary_dropout_prob,
+        init_strategy=describe_v_head_init(config.v_head_init_strategy, config.v_head_initializer_range),
+        logits_dtype="fp32 (upcast, as TRL)" if config.upcast_logits else "the wrapped model's dtype",
+    )

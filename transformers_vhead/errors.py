@@ -1,0 +1,43 @@
+"""The exceptions of transformers-vhead.
+
+Each one subclasses the builtin a caller would already catch (`ValueError`, `TypeError`, `OSError`), so code written
+for TRL or transformers keeps working, and says what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class TransformersVheadError(Exception):
+    """Base class of every error raised by transformers-vhead."""
+
+
+class InvalidModelSourceError(TransformersVheadError, TypeError):
+    """`from_pretrained` got something that is neither a path, a hub id nor a model."""
+
+
+class UnknownInitStrategyError(TransformersVheadError, ValueError):
+    """`v_head_init_strategy` names no strategy we know."""
+
+
+class HiddenSizeNotFoundError(TransformersVheadError, ValueError):
+    """The wrapped model's config gives no hidden size for the value head."""
+
+
+class UnknownBaseModelTypeError(TransformersVheadError, ValueError):
+    """`text_config` has a `model_type` that the installed transformers does not know."""
+
+
+class WrongModelKindError(TransformersVheadError, ValueError):
+    """A causal LM was given where a seq2seq LM is needed, or the other way round."""
+
+
+class MissingLMHeadError(TransformersVheadError, ValueError):
+    """The wrapped model has no language-model head, so it cannot give logits."""
+
+
+class HeadShapeMismatchError(TransformersVheadError, ValueError):
+    """A checkpoint's value head does not fit the model it is loaded into."""
+
+
+class CorruptCheckpointError(TransformersVheadError, OSError):
+    """A weights file is truncated, corrupt, or not the format its name says."""

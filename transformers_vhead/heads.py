@@ -1,0 +1,56 @@
+"""The value head: dropout, then an fp32 `Linear(hidden_size, 1)` with bias, in TRL's layout (`v_head.summary.*`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig
+from transformers import initialization as init
+
+from .configuration import resolve_hidden_size
+
+
+class ValueHead(nn.Module):
+    """A scalar per token, read from the final hidden state.
+
+    The weights are fp32 whatever the wrapped model's dtype, and the input is upcast with autocast off, so values come
+    out fp32 even under `torch.autocast` or a bf16/fp16 base model.
+
+    Args:
+        config: the wrapped model's config; the input width comes from [`resolve_hidden_size`].
+        summary_dropout_prob: dropout before the linear layer. `None` reads `config.summary_dropout_prob`, else 0.1
+            (TRL's default); 0 disables it.
+    """
+
+    def __init__(self, config: PreTrainedConfig, summary_dropout_prob: float | None = None):
+        super().__init__()
+        if summary_dropout_prob is None:
+            summary_dropout_prob = getattr(config, "summary_dropout_prob", None) or 0.1
+        self.dropout = nn.Dropout(summary_dropout_prob) if summary_dropout_prob else nn.Identity()
+        self.summary = nn.Linear(resolve_hidden_size(config), 1, dtype=torch.float32)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Returns the values, shape `hidden_states.shape[:-1] + (1,)`, fp32."""
+        output = self.dropout(hidden_states)
+        with torch.autocast(device_type=output.device.type, enabled=False):
+            return self.summary(output.to(self.summary.weight.dtype))
+
+    @torch.no_grad()
+    def reset_parameters(self, strategy: str | None = None, initializer_range: float = 0.2) -> None:
+        """Initialises a fresh head; tensors already loaded from a checkpoint are left alone.
+
+        Args:
+            strategy: `None` for PyTorch's default `nn.Linear` init (TRL's default), `"normal"` for
+                N(0, `initializer_range`) weights and a zero bias.
+            initializer_range: standard deviation of the `"normal"` init.
+        """
+        weight, bias = self.summary.weight, self.summary.bias
+        if strategy == "normal":
+            init.normal_(weight, mean=0.0, std=initializer_range)
+            init.zeros_(bias)
+        else:
+            init.kaiming_uniform_(weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(weight.shape[1])
+            init.uniform_(bias, -bound, bound)

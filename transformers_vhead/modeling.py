@@ -1,0 +1,439 @@
+"""Value-head models: a transformers language model plus a scalar head, as one registered `PreTrainedModel`.
+
+The wrapped model sits under `pretrained_model` and the head under `v_head` (TRL's names and checkpoint keys). A forward
+runs the wrapped model once and reads the final hidden state from a hook on its decoder stack, so no layer's hidden
+states are kept for it; a value-only call stops right after the decoder and never runs the LM head.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput, logging
+
+from .cards import render_model_card
+from .configuration import (
+    HEAD_SETTINGS,
+    CausalLMWithValueHeadConfig,
+    Seq2SeqLMWithValueHeadConfig,
+    ValueHeadConfig,
+    describe_v_head_init,
+    resolve_hidden_size,
+)
+from .errors import HeadShapeMismatchError, InvalidModelSourceError, MissingLMHeadError
+from .heads import ValueHead
+from .loading import HEAD_WEIGHT_KEY, HUB_KWARGS, HeadSource, find_value_head
+from .saving import staged_save
+
+logger = logging.get_logger(__name__)
+
+# TRL keywords whose features (PEFT policies, reward adapters) are not built yet: refuse them rather than ignore them.
+_NOT_YET_SUPPORTED = ("peft_config", "reward_adapter", "reward_adapter_name", "is_trainable")
+
+
+class _TRLUnpacking:
+    """Unpacking and integer indexing follow TRL's tuple, `(logits, loss, value)` (plus `past_key_values` when
+    `return_past_key_values=True`), with `None` kept in its place: `logits, loss, value = model(**inputs)` works with
+    or without labels. Attributes and string keys work as on any `ModelOutput`."""
+
+    _trl_fields: ClassVar[tuple[str, ...]] = ("logits", "loss", "value")
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(tuple(getattr(self, name) for name in self._trl_fields))
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return super().__getitem__(key)
+        return tuple(self)[key]
+
+
+@dataclass
+class CausalLMOutputWithValue(_TRLUnpacking, ModelOutput):
+    """Output of [`AutoModelForCausalLMWithValueHead`].
+
+    Args:
+        loss: the LM loss, when `labels` were given.
+        logits: LM logits `(batch, seq, vocab)`, fp32 unless `config.upcast_logits` is False; `None` from a value-only
+            call.
+        value: fp32 values `(batch, seq)`.
+        past_key_values: the cache, when one was used.
+        hidden_states, attentions: as the wrapped model returns them, when asked for.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    value: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class CausalLMOutputWithValueAndPast(CausalLMOutputWithValue):
+    """[`CausalLMOutputWithValue`] that unpacks to `(logits, loss, value, past_key_values)`."""
+
+    _trl_fields: ClassVar[tuple[str, ...]] = ("logits", "loss", "value", "past_key_values")
+
+
+@dataclass
+class Seq2SeqLMOutputWithValue(_TRLUnpacking, ModelOutput):
+    """Output of [`AutoModelForSeq2SeqLMWithValueHead`]: as [`CausalLMOutputWithValue`], values from the decoder."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    value: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    encoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class Seq2SeqLMOutputWithValueAndPast(Seq2SeqLMOutputWithValue):
+    """[`Seq2SeqLMOutputWithValue`] that unpacks to `(logits, loss, value, past_key_values)`."""
+
+    _trl_fields: ClassVar[tuple[str, ...]] = ("logits", "loss", "value", "past_key_values")
+
+
+class _StopAfterDecoder(Exception):
+    """Raised by the decoder hook of a value-only call: what follows the decoder (the LM head) is not needed."""
+
+
+@contextmanager
+def _final_hidden_state(decoder: nn.Module, stop: bool) -> Iterator[list[torch.Tensor]]:
+    """Collects the decoder's `last_hidden_state` during the block (only this thread's calls); with `stop`, ends the
+    forward right there."""
+    captured: list[torch.Tensor] = []
+    thread = threading.get_ident()
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        if threading.get_ident() != thread:
+            return
+        hidden = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None)
+        if hidden is None:
+            raise TypeError(f"{type(module).__name__} returned {type(output).__name__} without a last_hidden_state.")
+        captured.append(hidden)
+        if stop:
+            raise _StopAfterDecoder
+
+    handle = decoder.register_forward_hook(hook)
+    try:
+        yield captured
+    except _StopAfterDecoder:
+        pass
+    finally:
+        handle.remove()
+
+
+class PreTrainedModelWrapper(PreTrainedModel):
+    """The common base of the value-head models: a wrapped transformers LM (`pretrained_model`) and a `v_head`.
+
+    Subclasses set `config_class`, `transformers_parent_class` (the auto class that builds the wrapped model) and their
+    output classes. The TRL class attributes (`supported_args`, `supported_modules`, `supported_rm_modules`) are kept
+    for code that reads them.
+    """
+
+    config_class = ValueHeadConfig
+    base_model_prefix = "pretrained_model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _keys_to_ignore_on_load_missing = [r"^v_head\."]  # a fresh head is reported by `v_head_source`, not as "missing"
+    _keep_in_fp32_modules_strict = ["v_head"]
+
+    transformers_parent_class: ClassVar[type | None] = None
+    supported_args: ClassVar[tuple[str, ...]] = (
+        "summary_dropout_prob",
+        "v_head_initializer_range",
+        "v_head_init_strategy",
+    )
+    supported_modules: ClassVar[tuple[str, ...]] = ("v_head",)
+    supported_rm_modules: ClassVar[tuple[str, ...]] = ("score",)
+    _output_class: ClassVar[type[ModelOutput]]
+    _output_class_with_past: ClassVar[type[ModelOutput]]
+
+    def __init__(self, config: ValueHeadConfig | PreTrainedModel, **head_settings):
+        """
+        Args:
+            config: the model's config (the wrapped model is built from `config.text_config`), or, as in TRL, a
+                transformers model instance to wrap as it is.
+            head_settings: with a model instance only, the head's settings (`summary_dropout_prob`,
+                `v_head_init_strategy`, `v_head_initializer_range`, `upcast_logits`).
+        """
+        pretrained_model = None
+        if isinstance(config, PreTrainedModel):
+            pretrained_model = config
+            config = self.config_class(
+                text_config=pretrained_model.config,
+                base_model_name_or_path=pretrained_model.name_or_path or None,
+                **_head_settings(head_settings),
+            )
+        elif head_settings:
+            raise TypeError(
+                f"{type(self).__name__}(config) takes no other arguments, got {sorted(head_settings)}: set them on "
+                "the config."
+            )
+        super().__init__(config)
+        if pretrained_model is None:
+            pretrained_model = self.transformers_parent_class.from_config(config.text_config)
+        else:
+            for module in pretrained_model.modules():  # a model given to wrap keeps its weights as they are
+                module._is_hf_initialized = True
+        if pretrained_model.get_output_embeddings() is None:
+            raise MissingLMHeadError(
+                f"{type(pretrained_model).__name__} has no language-model head, so it cannot give logits. Wrap the "
+                f"model class with a head (e.g. what {self.transformers_parent_class.__name__} loads)."
+            )
+        self.pretrained_model = pretrained_model
+        config.text_config = pretrained_model.config  # one config object: changes through either side are seen by both
+        self.v_head = ValueHead(config.text_config, config.summary_dropout_prob)
+        self.v_head_source = HeadSource(
+            init=describe_v_head_init(config.v_head_init_strategy, config.v_head_initializer_range)
+        )
+        self.post_init()
+        if pretrained_model.device.type != "meta":
+            self.v_head.to(pretrained_model.get_output_embeddings().weight.device)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The wrapped model initialises its own modules; only the head is ours. transformers visits modules that hold
+        # parameters directly, so the head is initialised when its `summary` Linear is visited.
+        if module is self.v_head.summary:
+            self.v_head.reset_parameters(self.config.v_head_init_strategy, self.config.v_head_initializer_range)
+
+    @property
+    def is_peft_model(self) -> bool:
+        """Whether the wrapped model is a `peft.PeftModel` (TRL's attribute)."""
+        from peft import PeftModel
+
+        return isinstance(self.pretrained_model, PeftModel)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.pretrained_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.pretrained_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.pretrained_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.pretrained_model.set_output_embeddings(new_embeddings)
+
+    def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
+        """Resizes the wrapped model's embeddings exactly as on the bare model (`config.vocab_size` follows)."""
+        return self.pretrained_model.resize_token_embeddings(*args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_past_key_values: bool = False,
+        return_logits: bool = True,
+        **kwargs,
+    ) -> ModelOutput | tuple:
+        r"""
+        Runs the wrapped model once and the value head on its final hidden state.
+
+        Args:
+            input_ids, past_key_values, attention_mask: as for the wrapped model.
+            return_past_key_values (`bool`, defaults to `False`): TRL's flag; the output then also unpacks to the
+                cache, `logits, loss, value, past_key_values = model(...)`.
+            return_logits (`bool`, defaults to `True`): `False` is the value-only call of a critic or reward model:
+                the forward stops after the decoder, the LM head never runs, and `logits` is `None`.
+            kwargs: passed to the wrapped model (`labels`, `position_ids`, `decoder_input_ids`, `use_cache`, ...).
+
+        Returns:
+            A `CausalLMOutputWithValue` / `Seq2SeqLMOutputWithValue` (or TRL's tuple with `return_dict=False`).
+        """
+        return_dict = kwargs.pop("return_dict", True)
+        if return_past_key_values:
+            kwargs.setdefault("use_cache", True)
+        if not return_logits:
+            if kwargs.get("labels") is not None:
+                raise ValueError("A value-only call (return_logits=False) cannot compute the LM loss: drop `labels`.")
+            kwargs.setdefault("use_cache", False)
+        base_output = None
+        with _final_hidden_state(self.pretrained_model.get_decoder(), stop=not return_logits) as captured:
+            base_output = self.pretrained_model(
+                input_ids=input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
+            )
+        last_hidden_state = captured[-1]
+        value = self.v_head(last_hidden_state.to(self.v_head.summary.weight.device)).squeeze(-1)
+
+        output_class = self._output_class_with_past if return_past_key_values else self._output_class
+        output = output_class(value=value)
+        if base_output is not None:
+            for name in output.__dataclass_fields__:
+                if name != "value" and getattr(base_output, name, None) is not None:
+                    output[name] = getattr(base_output, name)
+            if self.config.upcast_logits and output.logits.dtype != torch.float32:
+                output.logits = output.logits.float()
+        return tuple(output) if return_dict is False else output
+
+    def compute_values(
+        self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.FloatTensor:
+        """Values only, for a critic or reward model: the LM head never runs (see `forward(return_logits=False)`).
+
+        Returns:
+            fp32 values, `(batch, seq)` (decoder positions for a seq2seq model).
+
+        Example:
+
+        ```python
+        >>> values = model.compute_values(input_ids, attention_mask=attention_mask)  # doctest: +SKIP
+        ```
+        """
+        return self(input_ids=input_ids, attention_mask=attention_mask, return_logits=False, **kwargs).value
+
+    def generate(self, *args, **kwargs):
+        """The wrapped model's `generate`: same tokens as the bare model, and the value head never runs."""
+        self.pretrained_model.generation_config = self.generation_config  # the one saved with this model
+        return self.pretrained_model.generate(*args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        r"""
+        Loads a value-head model, or wraps a language model with a fresh value head.
+
+        `pretrained_model_name_or_path` may be:
+        - a directory or hub id saved by this package (the head loads exactly);
+        - a plain causal / seq2seq LM directory or hub id (the head is freshly initialised);
+        - a TRL checkpoint: `v_head.*` merged into `model.safetensors`, `pytorch_model.bin` or one shard of a sharded
+          checkpoint, local or from the hub cache;
+        - a transformers model instance, wrapped as it is (TRL's behaviour).
+
+        Keywords: TRL's head settings (`summary_dropout_prob`, `v_head_init_strategy`, `v_head_initializer_range`),
+        `upcast_logits`, and every keyword of `PreTrainedModel.from_pretrained` (`dtype`, `device_map`,
+        `attn_implementation`, `revision`, `token`, `local_files_only`, `quantization_config`, ...). A keyword that is a
+        setting of the wrapped model's config (e.g. `use_cache=False`) goes to `text_config`.
+
+        Where the head came from is logged once and kept in `model.v_head_source`.
+
+        Raises:
+            InvalidModelSourceError: the argument is neither a path, a hub id nor a model.
+            HeadShapeMismatchError: the checkpoint's head does not fit the model (names the file and both shapes).
+            CorruptCheckpointError: a weights file is truncated or corrupt (names the file).
+        """
+        unsupported = [key for key in _NOT_YET_SUPPORTED if key in kwargs]
+        if unsupported:
+            raise NotImplementedError(
+                f"{', '.join(unsupported)}: PEFT policies and reward adapters are not supported yet by "
+                "transformers-vhead. Load the model without them."
+            )
+        if isinstance(pretrained_model_name_or_path, PreTrainedModel):
+            model = cls(pretrained_model_name_or_path, **kwargs)
+            logger.info(f"Value head of {cls.__name__} {model.v_head_source}.")
+            return model
+        if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            raise InvalidModelSourceError(
+                f"{cls.__name__}.from_pretrained takes a local directory, a hub id or a transformers PreTrainedModel, "
+                f"got {type(pretrained_model_name_or_path).__name__}."
+            )
+        head = None
+        if kwargs.get("state_dict") is None and kwargs.get("gguf_file") is None:
+            head = cls._checkpoint_head(pretrained_model_name_or_path, kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if head is not None:
+            model.v_head_source = HeadSource(file=head.file)
+            logger.info(f"Value head of {cls.__name__} {model.v_head_source}.")
+        else:
+            logger.warning(
+                f"Value head of {cls.__name__} {model.v_head_source}: {pretrained_model_name_or_path} holds no "
+                f"`v_head.*` weights. That is right when starting from a plain language model; to resume training, "
+                "load a checkpoint saved with its value head."
+            )
+        return model
+
+    @classmethod
+    def _checkpoint_head(cls, pretrained_model_name_or_path, kwargs: dict):
+        """The checkpoint's value head, checked against the model's hidden size before anything is loaded."""
+        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+        head = find_value_head(
+            pretrained_model_name_or_path, hub_kwargs, kwargs.get("variant"), kwargs.get("use_safetensors")
+        )
+        if head is None:
+            return None
+        config = kwargs.get("config")
+        if not isinstance(config, ValueHeadConfig):
+            config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
+        expected = (1, resolve_hidden_size(config.text_config))
+        found = head.shapes.get(HEAD_WEIGHT_KEY)
+        if found != expected:
+            raise HeadShapeMismatchError(
+                f"{head.file} holds a value head of shape {found} ({HEAD_WEIGHT_KEY}), but this "
+                f"{config.text_config.model_type} model needs {expected}: the head was trained for another base "
+                "model. Load a checkpoint of this base model, or start from its plain weights for a fresh head."
+            )
+        return head
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained` (safetensors, sharding, config, generation config), plus a `README.md`
+        model card when the directory has none. Files are written to a staging folder first, so a save that fails
+        half-way leaves the checkpoint already in `save_directory` intact."""
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        with staged_save(save_directory) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
+            if kwargs.get("is_main_process", True) and not os.path.exists(os.path.join(save_directory, "README.md")):
+                render_model_card(self.config, str(save_directory)).save(staging / "README.md")
+        if push_to_hub:
+            hub_keywords = ("commit_message", "private", "token", "revision", "create_pr", "max_shard_size")
+            self.push_to_hub(
+                kwargs.get("repo_id", os.path.basename(os.path.abspath(save_directory))),
+                **{key: kwargs[key] for key in hub_keywords if key in kwargs},
+            )
+
+
+class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper, GenerationMixin):
+    """A causal LM with a value head; TRL's `AutoModelForCausalLMWithValueHead` as a real transformers model.
+
+    Example:
+
+    ```python
+    >>> import transformers_vhead
+    >>> from transformers import AutoModelForCausalLM
+    >>> model = AutoModelForCausalLM.from_pretrained("path/saved/by/transformers-vhead")  # doctest: +SKIP
+    >>> logits, loss, value = model(input_ids)  # doctest: +SKIP
+    ```
+    """
+
+    config_class = CausalLMWithValueHeadConfig
+    transformers_parent_class = AutoModelForCausalLM
+    _output_class = CausalLMOutputWithValue
+    _output_class_with_past = CausalLMOutputWithValueAndPast
+
+
+class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper, GenerationMixin):
+    """A seq2seq LM with a value head on its decoder; TRL's `AutoModelForSeq2SeqLMWithValueHead` as a real
+    transformers model."""
+
+    config_class = Seq2SeqLMWithValueHeadConfig
+    transformers_parent_class = AutoModelForSeq2SeqLM
+    _output_class = Seq2SeqLMOutputWithValue
+    _output_class_with_past = Seq2SeqLMOutputWithValueAndPast
+
+
+def _head_settings(settings: dict) -> dict:
+    unknown = sorted(set(settings) - set(HEAD_SETTINGS))
+    if unknown:
+        raise TypeError(
+            f"Unexpected keyword(s) {unknown} when wrapping a model instance: only the head's settings "
+            f"{list(HEAD_SETTINGS)} apply (the instance is already loaded, so loading keywords cannot)."
+        )
+    return settings
