@@ -131,6 +131,9 @@ class ValueHeadConfig(PreTrainedConfig):
                 f"Unknown v_head_init_strategy {self.v_head_init_strategy!r}; the valid ones are "
                 f"{', '.join(repr(s) for s in V_HEAD_INIT_STRATEGIES)}."
             )
+        if self.base_model_name_or_path and os.path.isdir(self.base_model_name_or_path):
+            # a local path is kept absolute, so it is never mistaken for a hub id once the working directory changes
+            self.base_model_name_or_path = os.path.abspath(self.base_model_name_or_path)
         if self.summary_dropout_prob is None:
             self.summary_dropout_prob = getattr(self.text_config, "summary_dropout_prob", None) or 0.1
         self._check_base_model_kind()

@@ -277,13 +277,14 @@ class PreTrainedModelWrapper(PreTrainedModel):
         value = self.v_head(last_hidden_state.to(self.v_head.summary.weight.device)).squeeze(-1)
 
         output_class = self._output_class_with_past if return_past_key_values else self._output_class
-        output = output_class(value=value)
+        fields = {"value": value}
         if base_output is not None:
-            for name in output.__dataclass_fields__:
+            for name in output_class.__dataclass_fields__:
                 if name != "value" and getattr(base_output, name, None) is not None:
-                    output[name] = getattr(base_output, name)
-            if self.config.upcast_logits and output.logits.dtype != torch.float32:
-                output.logits = output.logits.float()
+                    fields[name] = getattr(base_output, name)
+            if self.config.upcast_logits:
+                fields["logits"] = fields["logits"].float()
+        output = output_class(**fields)
         return tuple(output) if return_dict is False else output
 
     def compute_values(
@@ -383,19 +384,32 @@ class PreTrainedModelWrapper(PreTrainedModel):
             )
         return head
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        push_to_hub: bool = False,
+        max_shard_size: int | str = "50GB",
+        variant: str | None = None,
+        **kwargs,
+    ) -> None:
         """`PreTrainedModel.save_pretrained` (safetensors, sharding, config, generation config), plus a `README.md`
         model card when the directory has none. Files are written to a staging folder first, so a save that fails
         half-way leaves the checkpoint already in `save_directory` intact."""
-        push_to_hub = kwargs.pop("push_to_hub", False)
-        with staged_save(save_directory) as staging:
-            super().save_pretrained(staging, *args, **kwargs)
-            if kwargs.get("is_main_process", True) and not os.path.exists(os.path.join(save_directory, "README.md")):
+        save_kwargs = dict(state_dict=state_dict, max_shard_size=max_shard_size, variant=variant, **kwargs)
+        if not is_main_process:  # writes nothing, but takes part in gathering a distributed state dict
+            super().save_pretrained(save_directory, is_main_process=False, **save_kwargs)
+            return
+        with staged_save(save_directory, variant=variant) as staging:
+            super().save_pretrained(staging, **save_kwargs)
+            if not os.path.exists(os.path.join(save_directory, "README.md")):
                 render_model_card(self.config, str(save_directory)).save(staging / "README.md")
         if push_to_hub:
-            hub_keywords = ("commit_message", "private", "token", "revision", "create_pr", "max_shard_size")
+            hub_keywords = ("commit_message", "private", "token", "revision", "create_pr")
             self.push_to_hub(
                 kwargs.get("repo_id", os.path.basename(os.path.abspath(save_directory))),
+                max_shard_size=max_shard_size,
                 **{key: kwargs[key] for key in hub_keywords if key in kwargs},
             )
 
