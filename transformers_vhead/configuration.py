@@ -126,11 +126,6 @@ class ValueHeadConfig(PreTrainedConfig):
                     "Upgrade transformers, or import the package that registers that model type before loading."
                 )
         super().__post_init__(**kwargs)
-        if self.v_head_init_strategy not in V_HEAD_INIT_STRATEGIES:
-            raise UnknownInitStrategyError(
-                f"Unknown v_head_init_strategy {self.v_head_init_strategy!r}; the valid ones are "
-                f"{', '.join(repr(s) for s in V_HEAD_INIT_STRATEGIES)}."
-            )
         if self.base_model_name_or_path and os.path.isdir(self.base_model_name_or_path):
             # a local path is kept absolute, so it is never mistaken for a hub id once the working directory changes
             self.base_model_name_or_path = os.path.abspath(self.base_model_name_or_path)
@@ -139,6 +134,15 @@ class ValueHeadConfig(PreTrainedConfig):
         self._check_base_model_kind()
         resolve_hidden_size(self.text_config)  # fail now, not when the head is built
         self.is_encoder_decoder = bool(getattr(self.text_config, "is_encoder_decoder", False))
+
+    def __setattr__(self, name: str, value: Any):
+        # checked on every assignment: `from_pretrained(path, v_head_init_strategy=...)` sets it after __init__
+        if name == "v_head_init_strategy" and value not in V_HEAD_INIT_STRATEGIES:
+            raise UnknownInitStrategyError(
+                f"Unknown v_head_init_strategy {value!r}; the valid ones are "
+                f"{', '.join(repr(strategy) for strategy in V_HEAD_INIT_STRATEGIES)}."
+            )
+        super().__setattr__(name, value)
 
     def _check_base_model_kind(self):
         if isinstance(self.text_config, ValueHeadConfig):
