@@ -44,38 +44,24 @@ CAUSAL_FAMILIES = {
     "granite": ("GraniteConfig", {**_GQA, "logits_scaling": 2.0}),
 }
 
+_BART_LIKE = {
+    "d_model": 32,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "max_position_embeddings": 64,
+}
+
 SEQ2SEQ_FAMILIES = {
     "t5": (
         "T5Config",
         {"d_model": 32, "d_ff": 64, "d_kv": 8, "num_layers": 2, "num_heads": 4, "decoder_start_token_id": 0},
     ),
-    "bart": (
-        "BartConfig",
-        {
-            "d_model": 32,
-            "encoder_layers": 2,
-            "decoder_layers": 2,
-            "encoder_attention_heads": 4,
-            "decoder_attention_heads": 4,
-            "encoder_ffn_dim": 64,
-            "decoder_ffn_dim": 64,
-            "max_position_embeddings": 64,
-        },
-    ),
-    "pegasus": (
-        "PegasusConfig",
-        {
-            "d_model": 32,
-            "encoder_layers": 2,
-            "decoder_layers": 2,
-            "encoder_attention_heads": 4,
-            "decoder_attention_heads": 4,
-            "encoder_ffn_dim": 64,
-            "decoder_ffn_dim": 64,
-            "max_position_embeddings": 64,
-            "decoder_start_token_id": 0,
-        },
-    ),
+    "bart": ("BartConfig", _BART_LIKE),
+    "pegasus": ("PegasusConfig", {**_BART_LIKE, "decoder_start_token_id": 0}),
 }
 
 # Token ids every family shares, inside the vocabulary.

@@ -63,26 +63,35 @@ def assert_loaded_exactly(model, bare, head):
         torch.testing.assert_close(model(**inputs).value, expected, atol=1e-6, rtol=0)
 
 
-def test_trl_checkpoint_with_head_merged_into_model_safetensors_loads_exactly(tmp_path):
+TRL_LAYOUTS = {
+    "merged into model.safetensors": lambda path, head: save_trl_layout(path, head),
+    "in one shard of a sharded safetensors checkpoint": lambda path, head: save_trl_layout(
+        path, head, max_shard_size="20KB"
+    ),
+    "merged into pytorch_model.bin": lambda path, head: save_trl_pickle_layout(path, head),
+    "in one shard of a sharded pytorch_model.bin": lambda path, head: save_trl_pickle_layout(path, head, shards=3),
+}
+
+
+def head_file(path) -> str:
+    """The file of a checkpoint that holds `v_head.summary.weight`, read from its index when it is sharded."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).exists():
+            weight_map = json.loads((path / index).read_text())["weight_map"]
+            assert len(set(weight_map.values())) > 2  # really sharded
+            return str(path / weight_map["v_head.summary.weight"])
+    return str(next(path.glob("model.safetensors"), path / "pytorch_model.bin"))
+
+
+@pytest.mark.parametrize("layout", TRL_LAYOUTS)
+def test_trl_checkpoint_loads_exactly_and_names_its_head_file(tmp_path, layout):
     head = trl_head()
-    bare = save_trl_layout(tmp_path, head)
+    bare = TRL_LAYOUTS[layout](tmp_path, head)
 
     model = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
 
     assert_loaded_exactly(model, bare, head)
-    assert model.v_head_source.file == str(tmp_path / "model.safetensors")
-
-
-def test_trl_checkpoint_with_sharded_head_loads_exact_values_locally(tmp_path):
-    head = trl_head()
-    bare = save_trl_layout(tmp_path, head, max_shard_size="20KB")
-    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
-    assert len(set(weight_map.values())) > 2  # really sharded
-
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
-
-    assert_loaded_exactly(model, bare, head)
-    assert model.v_head_source.file == str(tmp_path / weight_map["v_head.summary.weight"])
+    assert model.v_head_source.file == head_file(tmp_path)
 
 
 def test_trl_itself_cannot_reload_a_local_sharded_checkpoint_but_we_can(tmp_path, trl_ppo):
@@ -92,27 +101,6 @@ def test_trl_itself_cannot_reload_a_local_sharded_checkpoint_but_we_can(tmp_path
     with pytest.raises(Exception):  # noqa: B017  TRL 1.12 calls hf_hub_download on the local path (TRL #1917)
         trl_ppo.AutoModelForCausalLMWithValueHead.from_pretrained(str(tmp_path))
     assert_loaded_exactly(AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path), bare, head)
-
-
-def test_trl_checkpoint_in_pytorch_model_bin_loads_exactly(tmp_path):
-    head = trl_head()
-    bare = save_trl_pickle_layout(tmp_path, head)
-
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
-
-    assert_loaded_exactly(model, bare, head)
-    assert model.v_head_source.file == str(tmp_path / "pytorch_model.bin")
-
-
-def test_trl_checkpoint_in_sharded_pytorch_model_bin_loads_exactly(tmp_path):
-    head = trl_head()
-    bare = save_trl_pickle_layout(tmp_path, head, shards=3)
-
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
-
-    assert_loaded_exactly(model, bare, head)
-    weight_map = json.loads((tmp_path / "pytorch_model.bin.index.json").read_text())["weight_map"]
-    assert model.v_head_source.file == str(tmp_path / weight_map["v_head.summary.weight"])
 
 
 def test_trl_sharded_checkpoint_loads_from_the_offline_hub_cache(tmp_path):
@@ -176,3 +164,12 @@ def test_loading_keywords_pass_through_to_transformers(llama_dir):
     assert model.device.type == "cpu" and model.v_head.summary.weight.device.type == "cpu"
     with torch.no_grad():
         assert model(**model_inputs("llama")).value.dtype == torch.float32
+
+
+def test_output_loading_info_returns_the_model_and_a_clean_report(tmp_path):
+    save_trl_layout(tmp_path, trl_head())
+
+    model, info = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path, output_loading_info=True)
+
+    assert model.v_head_source.is_loaded
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]

@@ -93,8 +93,8 @@ class ValueHeadConfig(PreTrainedConfig):
         text_config (`dict` or `PreTrainedConfig`, *optional*):
             The config of the wrapped language model. A dict is resolved through `AutoConfig` by its `model_type`.
         summary_dropout_prob (`float`, *optional*):
-            Dropout before the value head. Defaults to the wrapped config's `summary_dropout_prob` when it has one
-            (GPT-2 does), else 0.1, as in TRL. 0 disables it.
+            Dropout before the value head. Defaults to the wrapped config's `summary_dropout_prob` when it has one,
+            else 0.1, as in TRL. 0 disables it.
         v_head_init_strategy (`str`, *optional*):
             How a fresh value head is initialised: `None` keeps PyTorch's default `nn.Linear` init (TRL's default),
             `"normal"` draws the weight from N(0, `v_head_initializer_range`) and zeroes the bias.
@@ -118,6 +118,11 @@ class ValueHeadConfig(PreTrainedConfig):
     base_model_name_or_path: str | None = None
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.text_config, PreTrainedConfig):
+            # The base __post_init__ sets these recursively, to None unless given: a loaded model's config would lose
+            # its attention implementation (and then build no attention mask), so keep the ones it has.
+            kwargs.setdefault("attn_implementation", self.text_config._attn_implementation)
+            kwargs.setdefault("experts_implementation", self.text_config._experts_implementation)
         if isinstance(self.text_config, dict):
             base_type = self.text_config.get("model_type")
             if base_type is not None and base_type not in CONFIG_MAPPING:
@@ -130,7 +135,8 @@ class ValueHeadConfig(PreTrainedConfig):
             # a local path is kept absolute, so it is never mistaken for a hub id once the working directory changes
             self.base_model_name_or_path = os.path.abspath(self.base_model_name_or_path)
         if self.summary_dropout_prob is None:
-            self.summary_dropout_prob = getattr(self.text_config, "summary_dropout_prob", None) or 0.1
+            base_dropout = getattr(self.text_config, "summary_dropout_prob", None)
+            self.summary_dropout_prob = 0.1 if base_dropout is None else base_dropout
         self._check_base_model_kind()
         resolve_hidden_size(self.text_config)  # fail now, not when the head is built
         self.is_encoder_decoder = bool(getattr(self.text_config, "is_encoder_decoder", False))

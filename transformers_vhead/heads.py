@@ -27,7 +27,9 @@ class ValueHead(nn.Module):
     def __init__(self, config: PreTrainedConfig, summary_dropout_prob: float | None = None):
         super().__init__()
         if summary_dropout_prob is None:
-            summary_dropout_prob = getattr(config, "summary_dropout_prob", None) or 0.1
+            summary_dropout_prob = getattr(config, "summary_dropout_prob", None)
+        if summary_dropout_prob is None:
+            summary_dropout_prob = 0.1
         self.dropout = nn.Dropout(summary_dropout_prob) if summary_dropout_prob else nn.Identity()
         self.summary = nn.Linear(resolve_hidden_size(config), 1, dtype=torch.float32)
 

@@ -238,41 +238,16 @@ class PreTrainedModelWrapper(PreTrainedModel):
         """Resizes the wrapped model's embeddings exactly as on the bare model (`config.vocab_size` follows)."""
         return self.pretrained_model.resize_token_embeddings(*args, **kwargs)
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        return_past_key_values: bool = False,
-        return_logits: bool = True,
-        **kwargs,
-    ) -> ModelOutput | tuple:
-        r"""
-        Runs the wrapped model once and the value head on its final hidden state.
-
-        Args:
-            input_ids, past_key_values, attention_mask: as for the wrapped model.
-            return_past_key_values (`bool`, defaults to `False`): TRL's flag; the output then also unpacks to the
-                cache, `logits, loss, value, past_key_values = model(...)`.
-            return_logits (`bool`, defaults to `True`): `False` is the value-only call of a critic or reward model:
-                the forward stops after the decoder, the LM head never runs, and `logits` is `None`.
-            kwargs: passed to the wrapped model (`labels`, `position_ids`, `decoder_input_ids`, `use_cache`, ...).
-
-        Returns:
-            A `CausalLMOutputWithValue` / `Seq2SeqLMOutputWithValue` (or TRL's tuple with `return_dict=False`).
-        """
-        return_dict = kwargs.pop("return_dict", True)
-        if return_past_key_values:
-            kwargs.setdefault("use_cache", True)
-        if not return_logits:
-            if kwargs.get("labels") is not None:
-                raise ValueError("A value-only call (return_logits=False) cannot compute the LM loss: drop `labels`.")
-            kwargs.setdefault("use_cache", False)
+    def _forward_with_value(self, inputs: dict[str, Any], return_past_key_values: bool, return_logits: bool):
+        """The forward of both classes: the wrapped model once, the head on the final hidden state it captured."""
+        return_dict = inputs.pop("return_dict", True)
+        if inputs.get("use_cache") is None and (return_past_key_values or not return_logits):
+            inputs["use_cache"] = return_past_key_values  # no cache for a value-only call unless it is asked for
+        if not return_logits and inputs.get("labels") is not None:
+            raise ValueError("A value-only call (return_logits=False) cannot compute the LM loss: drop `labels`.")
         base_output = None
         with _final_hidden_state(self.pretrained_model.get_decoder(), stop=not return_logits) as captured:
-            base_output = self.pretrained_model(
-                input_ids=input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
-            )
+            base_output = self.pretrained_model(**inputs)
         last_hidden_state = captured[-1]
         value = self.v_head(last_hidden_state.to(self.v_head.summary.weight.device)).squeeze(-1)
 
@@ -350,7 +325,8 @@ class PreTrainedModelWrapper(PreTrainedModel):
         head = None
         if kwargs.get("state_dict") is None and kwargs.get("gguf_file") is None:
             head = cls._checkpoint_head(pretrained_model_name_or_path, kwargs)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
         if head is not None:
             model.v_head_source = HeadSource(file=head.file)
             logger.info(f"Value head of {cls.__name__} {model.v_head_source}.")
@@ -360,7 +336,7 @@ class PreTrainedModelWrapper(PreTrainedModel):
                 f"`v_head.*` weights. That is right when starting from a plain language model; to resume training, "
                 "load a checkpoint saved with its value head."
             )
-        return model
+        return loaded
 
     @classmethod
     def _checkpoint_head(cls, pretrained_model_name_or_path, kwargs: dict):
@@ -432,6 +408,48 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper, GenerationMixin)
     _output_class = CausalLMOutputWithValue
     _output_class_with_past = CausalLMOutputWithValueAndPast
 
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_past_key_values: bool = False,
+        *,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        return_logits: bool = True,
+        **kwargs,
+    ) -> CausalLMOutputWithValue | tuple:
+        r"""
+        Runs the wrapped causal LM once and the value head on its final hidden state. The first four arguments are
+        TRL's, in TRL's order.
+
+        Args:
+            input_ids, past_key_values, attention_mask, position_ids, inputs_embeds, labels, use_cache: as for the
+                wrapped model (`labels` gives the LM `loss`).
+            return_past_key_values (`bool`, defaults to `False`): TRL's flag; the output then also unpacks to the
+                cache: `logits, loss, value, past_key_values = model(...)`.
+            return_logits (`bool`, defaults to `True`): `False` is the value-only call of a critic or reward model:
+                the forward stops after the decoder, the LM head never runs, and `logits` is `None`.
+            kwargs: passed to the wrapped model.
+
+        Returns:
+            [`CausalLMOutputWithValue`]: `logits` (fp32 unless `config.upcast_logits` is off), `loss`, `value`
+            `(batch, seq)` fp32, `past_key_values` when a cache was used; TRL's tuple with `return_dict=False`.
+        """
+        inputs = dict(
+            input_ids=input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+        )
+        return self._forward_with_value({**inputs, **kwargs}, return_past_key_values, return_logits)
+
 
 class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper, GenerationMixin):
     """A seq2seq LM with a value head on its decoder; TRL's `AutoModelForSeq2SeqLMWithValueHead` as a real
@@ -441,6 +459,42 @@ class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper, GenerationMixin
     transformers_parent_class = AutoModelForSeq2SeqLM
     _output_class = Seq2SeqLMOutputWithValue
     _output_class_with_past = Seq2SeqLMOutputWithValueAndPast
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_past_key_values: bool = False,
+        *,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: tuple | ModelOutput | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        decoder_inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        return_logits: bool = True,
+        **kwargs,
+    ) -> Seq2SeqLMOutputWithValue | tuple:
+        r"""
+        Runs the wrapped seq2seq LM once and the value head on its decoder's final hidden state: one value per
+        decoder position. Arguments and outputs as for [`AutoModelForCausalLMWithValueHead.forward`], plus the
+        wrapped model's decoder inputs.
+        """
+        inputs = dict(
+            input_ids=input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+        )
+        return self._forward_with_value({**inputs, **kwargs}, return_past_key_values, return_logits)
 
 
 def _head_settings(settings: dict) -> dict:
