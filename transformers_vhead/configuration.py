@@ -171,7 +171,7 @@ class ValueHeadConfig(PreTrainedConfig):
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
         """Like `PreTrainedConfig.from_dict`, and a keyword that is a setting of the wrapped model goes to `text_config`
-        (`from_pretrained(path, rope_theta=...)` means what it means for the plain model)."""
+        (`from_pretrained(path, attention_dropout=0.1)` means what it means for the plain model)."""
         return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
         config, unused = super().from_dict(cls._as_value_head_dict(config_dict), return_unused_kwargs=True, **kwargs)
         for key in [key for key in unused if hasattr(config.text_config, key)]:

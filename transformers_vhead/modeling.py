@@ -189,16 +189,17 @@ class PreTrainedModelWrapper(PreTrainedModel):
                 "the config."
             )
         super().__init__(config)
-        if pretrained_model is None:
+        wrapping_an_instance = pretrained_model is not None
+        if not wrapping_an_instance:
             pretrained_model = self.transformers_parent_class.from_config(config.text_config)
-        else:
-            for module in pretrained_model.modules():  # a model given to wrap keeps its weights as they are
-                module._is_hf_initialized = True
         if pretrained_model.get_output_embeddings() is None:
             raise MissingLMHeadError(
                 f"{type(pretrained_model).__name__} has no language-model head, so it cannot give logits. Wrap the "
                 f"model class with a head (e.g. what {self.transformers_parent_class.__name__} loads)."
             )
+        if wrapping_an_instance:
+            for module in pretrained_model.modules():  # a model given to wrap keeps its weights as they are
+                module._is_hf_initialized = True
         self.pretrained_model = pretrained_model
         config.text_config = pretrained_model.config  # one config object: changes through either side are seen by both
         self.v_head = ValueHead(config.text_config, config.summary_dropout_prob)
