@@ -115,21 +115,20 @@ def test_safetensors_file_with_garbage_header_is_named(tmp_path):
         AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
 
 
-def test_corrupt_pickle_is_named_and_never_unpickled(tmp_path):
-    bare = build_bare("llama")
-    bare.config.save_pretrained(tmp_path)
-    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
-
-    with pytest.raises(CorruptCheckpointError, match="pytorch_model.bin"):
-        AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
+def _garbage_pickle(path):
+    path.write_bytes(b"\x80\x04not really a pickle")
 
 
-def test_pickle_with_code_in_it_is_refused(tmp_path):
-    bare = build_bare("llama")
-    bare.config.save_pretrained(tmp_path)
-    torch.save({"v_head.summary.weight": torch.zeros(1, 32), "payload": print}, tmp_path / "pytorch_model.bin")
+def _pickle_with_code(path):
+    torch.save({"v_head.summary.weight": torch.zeros(1, 32), "payload": print}, path)
 
-    with pytest.raises(CorruptCheckpointError, match="weights-only"):
+
+@pytest.mark.parametrize("write", [_garbage_pickle, _pickle_with_code], ids=["garbage", "code-in-it"])
+def test_unreadable_pickle_is_named_and_never_unpickled(tmp_path, write):
+    build_bare("llama").config.save_pretrained(tmp_path)
+    write(tmp_path / "pytorch_model.bin")
+
+    with pytest.raises(CorruptCheckpointError, match=r"pytorch_model\.bin as a weights-only"):
         AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
 
 

@@ -214,6 +214,7 @@ class CausalLMWithValueHeadConfig(ValueHeadConfig):
     >>> config = CausalLMWithValueHeadConfig(text_config=LlamaConfig(hidden_size=64), v_head_init_strategy="normal")
     >>> config.hidden_size, config.text_config.model_type
     (64, 'llama')
+
     ```
     """
 

@@ -274,7 +274,7 @@ class PreTrainedModelWrapper(PreTrainedModel):
         Example:
 
         ```python
-        >>> values = model.compute_values(input_ids, attention_mask=attention_mask)  # doctest: +SKIP
+        values = model.compute_values(input_ids, attention_mask=attention_mask)
         ```
         """
         return self(input_ids=input_ids, attention_mask=attention_mask, return_logits=False, **kwargs).value
@@ -397,10 +397,11 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper, GenerationMixin)
     Example:
 
     ```python
-    >>> import transformers_vhead
-    >>> from transformers import AutoModelForCausalLM
-    >>> model = AutoModelForCausalLM.from_pretrained("path/saved/by/transformers-vhead")  # doctest: +SKIP
-    >>> logits, loss, value = model(input_ids)  # doctest: +SKIP
+    import transformers_vhead
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained("path/saved/by/transformers-vhead")
+    logits, loss, value = model(input_ids)
     ```
     """
 

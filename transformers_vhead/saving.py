@@ -42,6 +42,7 @@ def staged_save(save_directory: str | os.PathLike, variant: str | None = None) -
     ...     _ = (staging / "config.json").write_text("{}")
     >>> sorted(p.name for p in target.iterdir())
     ['config.json']
+
     ```
     """
     target = Path(save_directory)
