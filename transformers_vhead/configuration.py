@@ -67,6 +67,12 @@ def resolve_hidden_size(config: PreTrainedConfig) -> int:
     )
 
 
+def base_summary_dropout_prob(config: PreTrainedConfig) -> int | float:
+    """TRL's default head dropout for a wrapped model: its config's `summary_dropout_prob` when set, else 0.1."""
+    value = getattr(config, "summary_dropout_prob", None)
+    return 0.1 if value is None else value
+
+
 def describe_v_head_init(strategy: str | None, initializer_range: float) -> str:
     """How a fresh head is initialised, in words (for logs and model cards)."""
     if strategy == "normal":
@@ -135,8 +141,7 @@ class ValueHeadConfig(PreTrainedConfig):
             # a local path is kept absolute, so it is never mistaken for a hub id once the working directory changes
             self.base_model_name_or_path = os.path.abspath(self.base_model_name_or_path)
         if self.summary_dropout_prob is None:
-            base_dropout = getattr(self.text_config, "summary_dropout_prob", None)
-            self.summary_dropout_prob = 0.1 if base_dropout is None else base_dropout
+            self.summary_dropout_prob = base_summary_dropout_prob(self.text_config)
         self._check_base_model_kind()
         resolve_hidden_size(self.text_config)  # fail now, not when the head is built
         self.is_encoder_decoder = bool(getattr(self.text_config, "is_encoder_decoder", False))

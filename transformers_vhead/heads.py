@@ -9,7 +9,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 from transformers import initialization as init
 
-from .configuration import resolve_hidden_size
+from .configuration import base_summary_dropout_prob, resolve_hidden_size
 
 
 class ValueHead(nn.Module):
@@ -27,9 +27,7 @@ class ValueHead(nn.Module):
     def __init__(self, config: PreTrainedConfig, summary_dropout_prob: float | None = None):
         super().__init__()
         if summary_dropout_prob is None:
-            summary_dropout_prob = getattr(config, "summary_dropout_prob", None)
-        if summary_dropout_prob is None:
-            summary_dropout_prob = 0.1
+            summary_dropout_prob = base_summary_dropout_prob(config)
         self.dropout = nn.Dropout(summary_dropout_prob) if summary_dropout_prob else nn.Identity()
         self.summary = nn.Linear(resolve_hidden_size(config), 1, dtype=torch.float32)
 

@@ -449,8 +449,9 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper, GenerationMixin)
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
+            **kwargs,
         )
-        return self._forward_with_value({**inputs, **kwargs}, return_past_key_values, return_logits)
+        return self._forward_with_value(inputs, return_past_key_values, return_logits)
 
 
 class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper, GenerationMixin):
@@ -495,8 +496,9 @@ class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper, GenerationMixin
             decoder_inputs_embeds=decoder_inputs_embeds,
             labels=labels,
             use_cache=use_cache,
+            **kwargs,
         )
-        return self._forward_with_value({**inputs, **kwargs}, return_past_key_values, return_logits)
+        return self._forward_with_value(inputs, return_past_key_values, return_logits)
 
 
 def _head_settings(settings: dict) -> dict:
