@@ -1,0 +1,91 @@
+"""What each row of the table runs, for each implementation: bare transformers, transformers-vhead and TRL 1.12.
+
+Every case gets the same seeded weights and inputs, and returns the zero-argument call that `measure` times. Calls
+that TRL and bare transformers make the same way are written once; what differs is which model answers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from transformers_vhead import AutoModelForCausalLMWithValueHead
+
+from .rows import BARE, BF16_NO_UPCAST, OURS, TRL
+from .workload import Workload
+
+
+def trl_value_head_class() -> type:
+    """TRL 1.12's `AutoModelForCausalLMWithValueHead` (its value heads live in `trl.experimental.ppo`)."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.ppo import AutoModelForCausalLMWithValueHead as TRLModel
+
+    return TRLModel
+
+
+def bare_model(workload: Workload, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(workload.seed)
+    config = LlamaConfig(
+        vocab_size=workload.vocab_size,
+        hidden_size=workload.hidden_size,
+        num_hidden_layers=workload.num_hidden_layers,
+        num_attention_heads=workload.num_attention_heads,
+        intermediate_size=workload.intermediate_size,
+        max_position_embeddings=max(2048, workload.seq_len + workload.new_tokens),
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def inputs(workload: Workload) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(workload.seed)
+    input_ids = torch.randint(3, workload.vocab_size, (workload.batch_size, workload.seq_len), generator=generator)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def with_value_head(implementation: str, model: LlamaForCausalLM, **head_settings) -> torch.nn.Module:
+    """The bare model itself, or that same model (same weights) wrapped by our value head or TRL's."""
+    if implementation == BARE:
+        return model
+    if implementation == OURS:
+        return AutoModelForCausalLMWithValueHead.from_pretrained(model, **head_settings).eval()
+    return trl_value_head_class().from_pretrained(model, **head_settings).eval()
+
+
+def save_checkpoints(workload: Workload, directory: str) -> None:
+    """The same weights saved three ways for the load row: plain, by transformers-vhead, by TRL (when installed)."""
+    model = bare_model(workload)
+    model.save_pretrained(os.path.join(directory, BARE))
+    with_value_head(OURS, model).save_pretrained(os.path.join(directory, OURS))
+    try:
+        trl_model = with_value_head(TRL, model)
+    except ImportError:
+        return
+    trl_model.save_pretrained(os.path.join(directory, TRL))
+
+
+def build(row: str, implementation: str, workload: Workload, checkpoints: str) -> Callable[[], object]:
+    """The call to time for one cell of the table."""
+    batch = inputs(workload)
+    if row == "load":
+        if implementation == TRL:
+            trl_class = trl_value_head_class()
+            return lambda: trl_class.from_pretrained(os.path.join(checkpoints, TRL))
+        # AutoModelForCausalLM picks our class from the saved config: the path users take.
+        return lambda: AutoModelForCausalLM.from_pretrained(os.path.join(checkpoints, implementation))
+
+    dtype = torch.bfloat16 if row.startswith("bf16") else torch.float32
+    head_settings = {"upcast_logits": False} if row == BF16_NO_UPCAST and implementation == OURS else {}
+    model = with_value_head(implementation, bare_model(workload, dtype), **head_settings)
+    if row == "value-only":
+        if implementation == BARE:
+            return lambda: model.base_model(**batch, use_cache=False)
+        if implementation == OURS:
+            return lambda: model.compute_values(**batch)
+    if row == "generate":
+        n = workload.new_tokens
+        return lambda: model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return lambda: model(**batch, use_cache=False)

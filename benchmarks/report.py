@@ -1,0 +1,133 @@
+"""The table: medians, peaks and ratios against bare transformers measured in the same run, checked against targets."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from .rows import BARE, OURS, ROWS, TRL
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One implementation's result on one row: the seconds of each round's process, and the peak tensor memory."""
+
+    rounds: list[list[float]]
+    peak_bytes: int
+
+    @property
+    def median(self) -> float:
+        return statistics.median(seconds for round_seconds in self.rounds for seconds in round_seconds)
+
+    def round_ratios(self, bare: Cell) -> list[float]:
+        """Each round's median / bare's median in the same round."""
+        return [
+            statistics.median(ours) / statistics.median(theirs)
+            for ours, theirs in zip(self.rounds, bare.rounds, strict=True)
+        ]
+
+    def time_ratio(self, bare: Cell) -> float:
+        """The median over rounds of this round's median / bare's. The cases of a round run back to back, so pairing
+        them cancels the machine's slow drift (on a shared 2-core VM, the same forward moved by 10% in minutes)."""
+        return statistics.median(self.round_ratios(bare))
+
+
+Results = dict[str, dict[str, Cell]]  # row name -> implementation -> cell
+
+
+def ratio(value: float, bare: float) -> float | None:
+    return value / bare if bare > 0 else None
+
+
+def checks(results: Results) -> list[tuple[str, str, float | None, float]]:
+    """`(row, "time" | "memory", our ratio to bare, target)` for every target of a measured row."""
+    found = []
+    for row in ROWS:
+        cells = results.get(row.name, {})
+        if OURS not in cells:
+            continue
+        bare, ours = cells[BARE], cells[OURS]
+        if row.target.time is not None:
+            found.append((row.name, "time", ours.time_ratio(bare), row.target.time))
+        if row.target.memory is not None:
+            found.append((row.name, "memory", ratio(ours.peak_bytes, bare.peak_bytes), row.target.memory))
+    return found
+
+
+def _verdict(value: float | None, target: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if target is None:
+        return f"{value:.2f}x"
+    return f"{value:.2f}x {'PASS' if value <= target else 'MISS'} (<= {target:.2f}x)"
+
+
+def _milliseconds(seconds: float) -> str:
+    milliseconds = seconds * 1000
+    return f"{milliseconds:.0f} ms" if milliseconds >= 100 else f"{milliseconds:.3g} ms"
+
+
+def _mebibytes(size: int) -> str:
+    return f"{size / MIB:.1f} MiB"
+
+
+def table(results: Results, trl_label: str | None) -> str:
+    """A markdown table: for each row the bare median time and peak memory, then ours and TRL's with their ratios."""
+    others = [(OURS, "transformers-vhead")] + ([(TRL, trl_label)] if trl_label else [])
+    measures = [("time", "median", _milliseconds), ("peak", "peak_bytes", _mebibytes)]
+    header = ["case"]
+    for label, _, _ in measures:
+        header.append(f"bare {label}")
+        for _, name in others:
+            header += [f"{name} {label}", "x bare"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in ROWS:
+        cells = results.get(row.name)
+        if not cells:
+            continue
+        line = [row.name]
+        for label, attribute, show in measures:
+            bare = getattr(cells[BARE], attribute)
+            line.append(show(bare))
+            for implementation, _ in others:
+                if implementation not in cells:
+                    line += ["-", "-"]
+                    continue
+                cell = cells[implementation]
+                value = getattr(cell, attribute)
+                if label == "time":
+                    value_ratio, target = cell.time_ratio(cells[BARE]), row.target.time
+                else:
+                    value_ratio, target = ratio(value, bare), row.target.memory
+                line += [show(value), _verdict(value_ratio, target if implementation == OURS else None)]
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines)
+
+
+def spread(results: Results, trl_label: str | None) -> str:
+    """How far the time ratios of single rounds strayed: the noise the medians were taken over."""
+    lines = []
+    for row in ROWS:
+        cells = results.get(row.name, {})
+        parts = []
+        for implementation, name in [(OURS, "transformers-vhead"), (TRL, trl_label)]:
+            if implementation in cells and len(cells[BARE].rounds) > 1:
+                ratios = cells[implementation].round_ratios(cells[BARE])
+                parts.append(f"{name} {min(ratios):.2f}-{max(ratios):.2f}x")
+        if parts:
+            lines.append(f"- {row.name}: {', '.join(parts)}")
+    return "\n".join(lines)
+
+
+def summary(results: Results) -> str:
+    """One line: how many targets passed, and which missed by how much."""
+    found = checks(results)
+    missed = [
+        f"{row} {kind} {'n/a' if value is None else f'{value:.2f}x'} > {target:.2f}x"
+        for row, kind, value, target in found
+        if value is None or value > target
+    ]
+    text = f"targets: {len(found) - len(missed)} PASS, {len(missed)} MISS"
+    return text + (f" ({'; '.join(missed)})" if missed else "")

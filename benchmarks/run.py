@@ -1,0 +1,166 @@
+"""Runs every case in a fresh process and prints one table against bare transformers (and TRL 1.12 if installed).
+
+    python -m benchmarks.run                    # the default workload, the one the targets are set for
+    python -m benchmarks.run --hidden-size 512 --rounds 3 --json results.json
+
+Each round runs every (row, implementation) once, rows one after another and the implementations of a row back to back
+in a rotating order. Times are medians over all rounds; a time ratio is the median over rounds of that round's ratio
+(see `Cell.time_ratio`). This process never imports torch: it only starts the cases and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from .report import Cell, Results, checks, spread, summary, table
+from .rows import ROWS, ROWS_BY_NAME, TRL
+from .workload import Workload
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def trl_version() -> str | None:
+    """The installed TRL if it still has value heads (they were deleted in 1.13), else None."""
+    try:
+        version = metadata.version("trl")
+    except metadata.PackageNotFoundError:
+        return None
+    major, minor = (int(part) for part in version.split(".")[:2])
+    return version if (major, minor) < (1, 13) else None
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    packages = ("torch", "transformers", "transformers-vhead", "trl")
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "date": datetime.date.today().isoformat(),
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "packages": ", ".join(f"{name} {version}" for name, version in versions.items()),
+    }
+
+
+def run_case(arguments: list[str], workload: Workload, checkpoints: str) -> dict | None:
+    """Runs `python -m benchmarks.measure ARGUMENTS` in a fresh process; returns what it wrote."""
+    environment = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(workload.threads),
+        MKL_NUM_THREADS=str(workload.threads),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        TRL_EXPERIMENTAL_SILENCE="1",
+    )
+    with tempfile.NamedTemporaryFile(suffix=".json") as output:
+        command = [sys.executable, "-m", "benchmarks.measure", *arguments]
+        command += ["--workload", workload.to_json(), "--checkpoints", checkpoints, "--output", output.name]
+        process = subprocess.run(command, cwd=PROJECT_ROOT, env=environment, capture_output=True, text=True)
+        if process.returncode != 0:
+            raise RuntimeError(f"benchmark case {arguments} failed:\n{process.stderr[-3000:]}")
+        text = Path(output.name).read_text()
+    return json.loads(text) if text else None
+
+
+def measure_all(rows: list[str], workload: Workload, rounds: int, with_trl: bool, checkpoints: str) -> Results:
+    cases = [
+        (row, implementation)
+        for row in rows
+        for implementation in ROWS_BY_NAME[row].implementations
+        if with_trl or implementation != TRL
+    ]
+    seconds: dict[tuple[str, str], list[list[float]]] = {case: [] for case in cases}
+    peaks: dict[tuple[str, str], int] = {}
+    total, done = rounds * len(cases), 0
+    for round_index in range(rounds):
+        for row in rows:
+            implementations = [case[1] for case in cases if case[0] == row]
+            shift = round_index % len(implementations)
+            for implementation in implementations[shift:] + implementations[:shift]:
+                result = run_case([row, implementation], workload, checkpoints)
+                seconds[row, implementation].append(result["seconds"])
+                peaks[row, implementation] = max(peaks.get((row, implementation), 0), result["peak_bytes"])
+                done += 1
+                print(f"[{done}/{total}] {row} / {implementation}", file=sys.stderr, flush=True)
+    results: Results = {}
+    for row, implementation in cases:
+        results.setdefault(row, {})[implementation] = Cell(seconds[row, implementation], peaks[row, implementation])
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    Workload.add_arguments(parser)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="fresh processes per case, run round by round (default 3)"
+    )
+    parser.add_argument("--rows", help=f"comma-separated subset of: {', '.join(row.name for row in ROWS)}")
+    parser.add_argument("--without-trl", action="store_true", help="leave out the TRL column even if TRL is installed")
+    parser.add_argument("--json", help="also write the results, workload and machine to this JSON file")
+    args = parser.parse_args(argv)
+
+    workload = Workload.from_arguments(args)
+    rows = [row.name for row in ROWS] if not args.rows else [name.strip() for name in args.rows.split(",")]
+    unknown = [name for name in rows if name not in ROWS_BY_NAME]
+    if unknown:
+        parser.error(f"unknown row(s) {unknown}; the rows are: {', '.join(ROWS_BY_NAME)}")
+    trl = None if args.without_trl else trl_version()
+
+    with tempfile.TemporaryDirectory(prefix="transformers-vhead-bench-") as checkpoints:
+        if "load" in rows:
+            run_case(["prepare"], workload, checkpoints)
+        results = measure_all(rows, workload, args.rounds, trl is not None, checkpoints)
+
+    facts = machine()
+    print(f"transformers-vhead benchmarks, {facts['date']}")
+    print(f"machine: {facts['cpu']}; Python {facts['python']}; {facts['packages']}")
+    print(f"workload: {workload.describe()}; {args.rounds} round(s) of fresh processes")
+    print()
+    print(table(results, f"TRL {trl}" if trl else None))
+    print()
+    for row in ROWS:
+        if row.name in results:
+            print(f"- {row.name}: {row.what}")
+    if args.rounds > 1:
+        print()
+        print(f"time ratio to bare in single rounds (min-max over {args.rounds} rounds):")
+        print(spread(results, f"TRL {trl}" if trl else None))
+    print()
+    print(summary(results))
+    if args.json:
+        document = {
+            "machine": facts,
+            "workload": json.loads(workload.to_json()),
+            "rounds": args.rounds,
+            "trl": trl,
+            "results": {
+                row: {
+                    name: {"seconds": cell.rounds, "median": cell.median, "peak_bytes": cell.peak_bytes}
+                    for name, cell in cells.items()
+                }
+                for row, cells in results.items()
+            },  # fmt: skip
+            "checks": [dict(zip(("row", "kind", "ratio", "target"), check, strict=True)) for check in checks(results)],
+        }
+        Path(args.json).write_text(json.dumps(document, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
