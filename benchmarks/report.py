@@ -41,6 +41,12 @@ def ratio(value: float, bare: float) -> float | None:
     return value / bare if bare > 0 else None
 
 
+def ratio_to_bare(cells: dict[str, Cell], implementation: str, kind: str) -> float | None:
+    """`kind` "time": the paired per-round ratio ([`Cell.time_ratio`]); "memory": peak over bare's peak."""
+    cell, bare = cells[implementation], cells[BARE]
+    return cell.time_ratio(bare) if kind == "time" else ratio(cell.peak_bytes, bare.peak_bytes)
+
+
 def checks(results: Results) -> list[tuple[str, str, float | None, float]]:
     """`(row, "time" | "memory", our ratio to bare, target)` for every target of a measured row."""
     found = []
@@ -48,11 +54,10 @@ def checks(results: Results) -> list[tuple[str, str, float | None, float]]:
         cells = results.get(row.name, {})
         if OURS not in cells:
             continue
-        bare, ours = cells[BARE], cells[OURS]
-        if row.target.time is not None:
-            found.append((row.name, "time", ours.time_ratio(bare), row.target.time))
-        if row.target.memory is not None:
-            found.append((row.name, "memory", ratio(ours.peak_bytes, bare.peak_bytes), row.target.memory))
+        for kind in ("time", "memory"):
+            target = getattr(row.target, kind)
+            if target is not None:
+                found.append((row.name, kind, ratio_to_bare(cells, OURS, kind), target))
     return found
 
 
@@ -76,9 +81,9 @@ def _mebibytes(size: int) -> str:
 def table(results: Results, trl_label: str | None) -> str:
     """A markdown table: for each row the bare median time and peak memory, then ours and TRL's with their ratios."""
     others = [(OURS, "transformers-vhead")] + ([(TRL, trl_label)] if trl_label else [])
-    measures = [("time", "median", _milliseconds), ("peak", "peak_bytes", _mebibytes)]
+    measures = [("time", "time", "median", _milliseconds), ("memory", "peak", "peak_bytes", _mebibytes)]
     header = ["case"]
-    for label, _, _ in measures:
+    for _, label, _, _ in measures:
         header.append(f"bare {label}")
         for _, name in others:
             header += [f"{name} {label}", "x bare"]
@@ -88,20 +93,15 @@ def table(results: Results, trl_label: str | None) -> str:
         if not cells:
             continue
         line = [row.name]
-        for label, attribute, show in measures:
-            bare = getattr(cells[BARE], attribute)
-            line.append(show(bare))
+        for kind, _, attribute, show in measures:
+            line.append(show(getattr(cells[BARE], attribute)))
             for implementation, _ in others:
                 if implementation not in cells:
                     line += ["-", "-"]
                     continue
-                cell = cells[implementation]
-                value = getattr(cell, attribute)
-                if label == "time":
-                    value_ratio, target = cell.time_ratio(cells[BARE]), row.target.time
-                else:
-                    value_ratio, target = ratio(value, bare), row.target.memory
-                line += [show(value), _verdict(value_ratio, target if implementation == OURS else None)]
+                target = getattr(row.target, kind) if implementation == OURS else None
+                value = getattr(cells[implementation], attribute)
+                line += [show(value), _verdict(ratio_to_bare(cells, implementation, kind), target)]
         lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines)
 
