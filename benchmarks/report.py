@@ -78,9 +78,14 @@ def _mebibytes(size: int) -> str:
     return f"{size / MIB:.1f} MiB"
 
 
+def _compared(trl_label: str | None) -> list[tuple[str, str]]:
+    """The implementations compared with bare transformers, with their column names."""
+    return [(OURS, "transformers-vhead")] + ([(TRL, trl_label)] if trl_label else [])
+
+
 def table(results: Results, trl_label: str | None) -> str:
     """A markdown table: for each row the bare median time and peak memory, then ours and TRL's with their ratios."""
-    others = [(OURS, "transformers-vhead")] + ([(TRL, trl_label)] if trl_label else [])
+    others = _compared(trl_label)
     measures = [("time", "time", "median", _milliseconds), ("memory", "peak", "peak_bytes", _mebibytes)]
     header = ["case"]
     for _, label, _, _ in measures:
@@ -112,7 +117,7 @@ def spread(results: Results, trl_label: str | None) -> str:
     for row in ROWS:
         cells = results.get(row.name, {})
         parts = []
-        for implementation, name in [(OURS, "transformers-vhead"), (TRL, trl_label)]:
+        for implementation, name in _compared(trl_label):
             if implementation in cells and len(cells[BARE].rounds) > 1:
                 ratios = cells[implementation].round_ratios(cells[BARE])
                 parts.append(f"{name} {min(ratios):.2f}-{max(ratios):.2f}x")

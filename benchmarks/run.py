@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {facts['cpu']}; Python {facts['python']}; {facts['packages']}")
     print(f"workload: {workload.describe()}; {args.rounds} round(s) of fresh processes")
     print()
-    print(table(results, f"TRL {trl}" if trl else None))
+    trl_label = f"TRL {trl}" if trl else None
+    print(table(results, trl_label))
     print()
     for row in ROWS:
         if row.name in results:
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds > 1:
         print()
         print(f"time ratio to bare in single rounds (min-max over {args.rounds} rounds):")
-        print(spread(results, f"TRL {trl}" if trl else None))
+        print(spread(results, trl_label))
     print()
     print(summary(results))
     if args.json:
