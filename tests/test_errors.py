@@ -168,11 +168,6 @@ def test_unknown_constructor_keyword_is_refused():
         AutoModelForCausalLMWithValueHead(config, summary_dropout=0.1)
 
 
-def test_trl_peft_keywords_are_refused_until_supported(llama_dir):
-    with pytest.raises(NotImplementedError, match="peft_config"):
-        AutoModelForCausalLMWithValueHead.from_pretrained(llama_dir, peft_config=object())
-
-
 def test_every_error_is_a_transformers_vhead_error():
     errors = (
         InvalidModelSourceError,

@@ -19,7 +19,14 @@ from .errors import HiddenSizeNotFoundError, UnknownBaseModelTypeError, UnknownI
 V_HEAD_INIT_STRATEGIES = (None, "normal")
 
 # The head's settings, which `from_pretrained` and the TRL-style `Model(pretrained_model, **settings)` accept.
-HEAD_SETTINGS = ("summary_dropout_prob", "v_head_init_strategy", "v_head_initializer_range", "upcast_logits")
+HEAD_SETTINGS = (
+    "summary_dropout_prob",
+    "v_head_init_strategy",
+    "v_head_initializer_range",
+    "upcast_logits",
+    "score_mean",
+    "score_std",
+)
 
 # Settings TRL code reads through `model.config` as if it were the wrapped model's config. Reads and writes of these
 # go to `text_config`, so `model.config.pad_token_id = tokenizer.pad_token_id` still reaches the wrapped model.
@@ -109,6 +116,9 @@ class ValueHeadConfig(PreTrainedConfig):
         upcast_logits (`bool`, *optional*, defaults to `True`):
             Return the LM logits in fp32, as TRL does. `False` keeps the wrapped model's dtype (half the memory in
             bf16/fp16).
+        score_mean (`float`, *optional*), score_std (`float`, *optional*):
+            The mean and standard deviation of the value head's sequence scores (OpenRLHF's `mean`/`std`):
+            `compute_sequence_scores(..., normalize=True)` returns `(score - score_mean) / score_std`.
         base_model_name_or_path (`str`, *optional*):
             Where the wrapped model was loaded from, for the model card's `base_model`.
     """
@@ -123,6 +133,8 @@ class ValueHeadConfig(PreTrainedConfig):
     v_head_init_strategy: str | None = None
     v_head_initializer_range: int | float = 0.2
     upcast_logits: bool = True
+    score_mean: int | float | None = None
+    score_std: int | float | None = None
     base_model_name_or_path: str | None = None
 
     def __post_init__(self, **kwargs):

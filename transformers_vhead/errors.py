@@ -41,3 +41,27 @@ class HeadShapeMismatchError(TransformersVheadError, ValueError):
 
 class CorruptCheckpointError(TransformersVheadError, OSError):
     """A weights file is truncated, corrupt, or not the format its name says."""
+
+
+class PeftConfigError(TransformersVheadError, ValueError):
+    """A `peft_config` (or an adapter) that cannot serve a value-head policy: not a `PeftConfig`, or prompt learning."""
+
+
+class AdapterNotFoundError(TransformersVheadError, FileNotFoundError):
+    """A path or hub id that was meant to hold a PEFT adapter holds no adapter files."""
+
+
+class AdapterMismatchError(TransformersVheadError, ValueError):
+    """An adapter (or its score head) was trained for another base model: its tensor shapes do not fit this one."""
+
+
+class RewardAdapterError(TransformersVheadError, ValueError):
+    """A reward adapter was asked of a model that cannot have one (no PEFT), or scoring of a model without one."""
+
+
+class MissingScoreHeadError(RewardAdapterError):
+    """A reward adapter's weights hold no `score` head."""
+
+
+class EmptySequenceError(TransformersVheadError, ValueError):
+    """A row of the attention mask is all zeros, so that sequence has no token to score."""

@@ -54,3 +54,25 @@ class ValueHead(nn.Module):
             init.kaiming_uniform_(weight, a=math.sqrt(5))
             bound = 1 / math.sqrt(weight.shape[1])
             init.uniform_(bias, -bound, bound)
+
+
+class ScoreHead(nn.Linear):
+    """A reward adapter's `score` head (`Linear(hidden_size, num_labels)`, bias as saved), frozen and fp32.
+
+    Its input is upcast with autocast off, so scores are fp32 whatever the model's dtype. `mean` and `std`, when the
+    reward model was saved with them, normalise sequence scores (OpenRLHF's `config.mean` / `config.std`).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, mean=None, std=None):
+        num_labels, hidden_size = weight.shape
+        super().__init__(hidden_size, num_labels, bias=bias is not None, dtype=torch.float32, device=weight.device)
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            if bias is not None:
+                self.bias.copy_(bias)
+        self.requires_grad_(False)
+        self.mean, self.std = mean, std
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            return super().forward(hidden_states.to(self.weight.dtype))

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
 from transformers.utils import cached_file
 
 from .errors import CorruptCheckpointError
@@ -25,6 +26,10 @@ HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revis
 # transformers' own lookup order: a single file before an index, safetensors before pickles.
 SAFE_WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# Next to a PEFT adapter the value head is a file of its own: ours and LLaMA-Factory's `value_head.safetensors`,
+# LLaMA-Factory's `value_head.bin`; TRL writes it to `pytorch_model.bin` (found by `find_value_head`).
+ADAPTER_HEAD_NAMES = ("value_head.safetensors", "value_head.bin")
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,8 @@ def _with_variant(name: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
-def _resolve(path_or_id: str, filename: str, hub_kwargs: dict) -> str | None:
+def resolve_file(path_or_id: str, filename: str, hub_kwargs: dict) -> str | None:
+    """The local path of `filename` in a directory or hub id (the hub cache's copy), or `None` if it is not there."""
     return cached_file(
         path_or_id,
         filename,
@@ -149,7 +155,7 @@ def find_value_head(
     if not use_safetensors:
         names += PICKLE_WEIGHTS_NAMES
     for name in names:
-        resolved = _resolve(path_or_id, _with_variant(name, variant), hub_kwargs)
+        resolved = resolve_file(path_or_id, _with_variant(name, variant), hub_kwargs)
         if resolved is None:
             continue
         if not name.endswith(".json"):
@@ -157,10 +163,36 @@ def find_value_head(
             return CheckpointHead(resolved, shapes) if shapes else None
         with open(resolved, encoding="utf-8") as index:
             weight_map = json.load(index)["weight_map"]
-        shard_paths = {shard: _resolve(path_or_id, shard, hub_kwargs) for shard in sorted(set(weight_map.values()))}
+        shard_paths = {shard: resolve_file(path_or_id, shard, hub_kwargs) for shard in sorted(set(weight_map.values()))}
         for shard_path in shard_paths.values():
             if shard_path is not None and shard_path.endswith(".safetensors"):
                 read_safetensors_header(shard_path)
         head_shard = shard_paths.get(weight_map.get(HEAD_WEIGHT_KEY))
         return CheckpointHead(head_shard, _head_shapes(head_shard)) if head_shard else None
     return None
+
+
+def find_adapter_value_head(path_or_id: str | os.PathLike, hub_kwargs: dict) -> CheckpointHead | None:
+    """Finds the value head saved next to a PEFT adapter: `value_head.safetensors` (ours, LLaMA-Factory's),
+    `value_head.bin` (LLaMA-Factory's), or a `pytorch_model.bin` / `model.safetensors` holding `v_head.*` (TRL's).
+
+    Returns:
+        The file and its head tensors' shapes, or `None` when the adapter was saved without a head.
+    """
+    for name in ADAPTER_HEAD_NAMES:
+        resolved = resolve_file(str(path_or_id), name, hub_kwargs)
+        if resolved is not None:
+            shapes = _head_shapes(resolved)
+            return CheckpointHead(resolved, shapes) if shapes else None
+    return find_value_head(path_or_id, hub_kwargs)
+
+
+def read_value_head(path: str) -> dict[str, torch.Tensor]:
+    """The `v_head.*` tensors of a weights file, with the `v_head.` prefix stripped (the keys of `ValueHead`)."""
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt") as file:
+            return {
+                key.removeprefix("v_head."): file.get_tensor(key) for key in file.keys() if key.startswith("v_head.")
+            }
+    state_dict = load_pickle_state_dict(path)
+    return {key.removeprefix("v_head."): tensor for key, tensor in state_dict.items() if key.startswith("v_head.")}

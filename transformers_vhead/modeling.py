@@ -7,19 +7,31 @@ states are kept for it; a value-only call stops right after the decoder and neve
 
 from __future__ import annotations
 
+import json
 import os
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from peft import PeftConfig, PeftModel
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput, logging
 
+from .adapters import (
+    AdapterLock,
+    AdapterMethods,
+    add_adapter,
+    check_language_model,
+    check_peft_config,
+    find_adapter,
+    load_adapter,
+)
+from .capture import final_hidden_state
 from .cards import render_model_card
 from .configuration import (
     HEAD_SETTINGS,
@@ -29,15 +41,22 @@ from .configuration import (
     describe_v_head_init,
     resolve_hidden_size,
 )
-from .errors import HeadShapeMismatchError, InvalidModelSourceError, MissingLMHeadError
+from .errors import HeadShapeMismatchError, InvalidModelSourceError, MissingLMHeadError, RewardAdapterError
 from .heads import ValueHead
-from .loading import HEAD_WEIGHT_KEY, HUB_KWARGS, HeadSource, find_value_head
+from .loading import (
+    ADAPTER_HEAD_NAMES,
+    HEAD_WEIGHT_KEY,
+    HUB_KWARGS,
+    CheckpointHead,
+    HeadSource,
+    find_adapter_value_head,
+    find_value_head,
+    read_value_head,
+)
+from .reward import RewardScoring
 from .saving import staged_save
 
 logger = logging.get_logger(__name__)
-
-# TRL keywords whose features (PEFT policies, reward adapters) are not built yet: refuse them rather than ignore them.
-_NOT_YET_SUPPORTED = ("peft_config", "reward_adapter", "reward_adapter_name", "is_trainable")
 
 
 class _TRLUnpacking:
@@ -107,37 +126,7 @@ class Seq2SeqLMOutputWithValueAndPast(Seq2SeqLMOutputWithValue):
     _trl_fields: ClassVar[tuple[str, ...]] = ("logits", "loss", "value", "past_key_values")
 
 
-class _StopAfterDecoder(Exception):
-    """Raised by the decoder hook of a value-only call: what follows the decoder (the LM head) is not needed."""
-
-
-@contextmanager
-def _final_hidden_state(decoder: nn.Module, stop: bool) -> Iterator[list[torch.Tensor]]:
-    """Collects the decoder's `last_hidden_state` during the block (only this thread's calls); with `stop`, ends the
-    forward right there."""
-    captured: list[torch.Tensor] = []
-    thread = threading.get_ident()
-
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        if threading.get_ident() != thread:
-            return
-        hidden = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None)
-        if hidden is None:
-            raise TypeError(f"{type(module).__name__} returned {type(output).__name__} without a last_hidden_state.")
-        captured.append(hidden)
-        if stop:
-            raise _StopAfterDecoder
-
-    handle = decoder.register_forward_hook(hook)
-    try:
-        yield captured
-    except _StopAfterDecoder:
-        pass
-    finally:
-        handle.remove()
-
-
-class PreTrainedModelWrapper(PreTrainedModel):
+class PreTrainedModelWrapper(AdapterMethods, RewardScoring, PreTrainedModel):
     """The common base of the value-head models: a wrapped transformers LM (`pretrained_model`) and a `v_head`.
 
     Subclasses set `config_class`, `transformers_parent_class` (the auto class that builds the wrapped model) and their
@@ -154,7 +143,7 @@ class PreTrainedModelWrapper(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _keys_to_ignore_on_load_missing = [r"^v_head\."]  # a fresh head is reported by `v_head_source`, not as "missing"
-    _keep_in_fp32_modules_strict = ["v_head"]
+    _keep_in_fp32_modules_strict = ["v_head", "score"]
 
     transformers_parent_class: ClassVar[type | None] = None
     supported_args: ClassVar[tuple[str, ...]] = (
@@ -167,23 +156,28 @@ class PreTrainedModelWrapper(PreTrainedModel):
     _output_class: ClassVar[type[ModelOutput]]
     _output_class_with_past: ClassVar[type[ModelOutput]]
 
-    def __init__(self, config: ValueHeadConfig | PreTrainedModel, **head_settings):
+    def __init__(self, config: ValueHeadConfig | PreTrainedModel | PeftModel, **head_settings):
         """
         Args:
             config: the model's config (the wrapped model is built from `config.text_config`), or, as in TRL, a
-                transformers model instance to wrap as it is.
+                transformers model or a `peft.PeftModel` to wrap as it is.
             head_settings: with a model instance only, the head's settings (`summary_dropout_prob`,
-                `v_head_init_strategy`, `v_head_initializer_range`, `upcast_logits`).
+                `v_head_init_strategy`, `v_head_initializer_range`, `upcast_logits`, `score_mean`, `score_std`), and
+                TRL's `score_module`, `supports_rm_adapter`, `rm_adapter_name` (a reward adapter already loaded).
         """
         pretrained_model = None
-        if isinstance(config, PreTrainedModel):
+        score_module = head_settings.pop("score_module", None)
+        rm_adapter_name = head_settings.pop("rm_adapter_name", None)
+        supports_rm_adapter = head_settings.pop("supports_rm_adapter", score_module is not None)
+        if isinstance(config, (PreTrainedModel, PeftModel)):
             pretrained_model = config
+            check_language_model(pretrained_model)
             config = self.config_class(
                 text_config=pretrained_model.config,
                 base_model_name_or_path=pretrained_model.name_or_path or None,
                 **_head_settings(head_settings),
             )
-        elif head_settings:
+        elif head_settings or score_module is not None:
             raise TypeError(
                 f"{type(self).__name__}(config) takes no other arguments, got {sorted(head_settings)}: set them on "
                 "the config."
@@ -206,6 +200,11 @@ class PreTrainedModelWrapper(PreTrainedModel):
         self.v_head_source = HeadSource(
             init=describe_v_head_init(config.v_head_init_strategy, config.v_head_initializer_range)
         )
+        self._adapter_lock = AdapterLock()
+        self.supports_rm_adapter = bool(supports_rm_adapter)
+        self.rm_adapter_name = rm_adapter_name
+        if score_module is not None:
+            self.score = score_module
         self.post_init()
         if pretrained_model.device.type != "meta":
             self.v_head.to(pretrained_model.get_output_embeddings().weight.device)
@@ -247,7 +246,7 @@ class PreTrainedModelWrapper(PreTrainedModel):
         if not return_logits and inputs.get("labels") is not None:
             raise ValueError("A value-only call (return_logits=False) cannot compute the LM loss: drop `labels`.")
         base_output = None
-        with _final_hidden_state(self.pretrained_model.get_decoder(), stop=not return_logits) as captured:
+        with final_hidden_state(self.pretrained_model.get_decoder(), stop=not return_logits) as captured:
             base_output = self.pretrained_model(**inputs)
         last_hidden_state = captured[-1]
         value = self.v_head(last_hidden_state.to(self.v_head.summary.weight.device)).squeeze(-1)
@@ -281,7 +280,10 @@ class PreTrainedModelWrapper(PreTrainedModel):
 
     def generate(self, *args, **kwargs):
         """The wrapped model's `generate`: same tokens as the bare model, and the value head never runs."""
-        self.pretrained_model.generation_config = self.generation_config  # the one saved with this model
+        language_model = self.pretrained_model
+        if isinstance(language_model, PeftModel):
+            language_model = language_model.get_base_model()
+        language_model.generation_config = self.generation_config  # the one saved with this model
         return self.pretrained_model.generate(*args, **kwargs)
 
     @classmethod
@@ -294,12 +296,22 @@ class PreTrainedModelWrapper(PreTrainedModel):
         - a plain causal / seq2seq LM directory or hub id (the head is freshly initialised);
         - a TRL checkpoint: `v_head.*` merged into `model.safetensors`, `pytorch_model.bin` or one shard of a sharded
           checkpoint, local or from the hub cache;
-        - a transformers model instance, wrapped as it is (TRL's behaviour).
+        - a PEFT adapter directory or hub id (`adapter_config.json`): the base model it names, the adapter on it
+          (frozen unless `is_trainable=True`, as in TRL), and the value head saved with it (`value_head.safetensors`,
+          or TRL's `pytorch_model.bin` holding only `v_head.*`);
+        - a transformers model or a `peft.PeftModel` instance, wrapped as it is (TRL's behaviour).
 
-        Keywords: TRL's head settings (`summary_dropout_prob`, `v_head_init_strategy`, `v_head_initializer_range`),
-        `upcast_logits`, and every keyword of `PreTrainedModel.from_pretrained` (`dtype`, `device_map`,
+        Keywords: TRL's `peft_config`, `is_trainable`, `reward_adapter`, `reward_adapter_name` and head settings
+        (`summary_dropout_prob`, `v_head_init_strategy`, `v_head_initializer_range`), `upcast_logits`, `score_mean`,
+        `score_std`, and every keyword of `PreTrainedModel.from_pretrained` (`dtype`, `device_map`,
         `attn_implementation`, `revision`, `token`, `local_files_only`, `quantization_config`, ...). A keyword that is a
         setting of the wrapped model's config (e.g. `use_cache=False`) goes to `text_config`.
+
+        - `peft_config`: a `peft.PeftConfig` (not prompt learning); the wrapped model becomes a trainable
+          `PeftModel` with it. Ignored, with a warning, when the source already holds an adapter.
+        - `reward_adapter`, `reward_adapter_name` (default `"reward_adapter"`): a reward adapter (LoRA plus `score`
+          head, saved by peft with `task_type="SEQ_CLS"`) loaded frozen next to the policy's adapter; see
+          [`compute_sequence_scores`] and [`compute_reward_score`]. Needs a PEFT policy.
 
         Where the head came from is logged once and kept in `model.v_head_source`.
 
@@ -307,59 +319,113 @@ class PreTrainedModelWrapper(PreTrainedModel):
             InvalidModelSourceError: the argument is neither a path, a hub id nor a model.
             HeadShapeMismatchError: the checkpoint's head does not fit the model (names the file and both shapes).
             CorruptCheckpointError: a weights file is truncated or corrupt (names the file).
+            PeftConfigError: `peft_config` is not a usable `PeftConfig`, or an adapter is prompt learning.
+            RewardAdapterError, AdapterNotFoundError, MissingScoreHeadError, AdapterMismatchError: a bad reward
+                adapter (see [`add_and_load_reward_modeling_adapter`]).
         """
-        unsupported = [key for key in _NOT_YET_SUPPORTED if key in kwargs]
-        if unsupported:
-            raise NotImplementedError(
-                f"{', '.join(unsupported)}: PEFT policies and reward adapters are not supported yet by "
-                "transformers-vhead. Load the model without them."
+        peft_config = kwargs.pop("peft_config", None)
+        is_trainable = kwargs.pop("is_trainable", False)
+        reward_adapter = kwargs.pop("reward_adapter", None)
+        reward_adapter_name = kwargs.pop("reward_adapter_name", "reward_adapter")
+        kwargs.pop("adapter_kwargs", None)  # the auto classes pass the adapter they found; it is found again below
+        if peft_config is not None:
+            check_peft_config(peft_config)
+        if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):
+            raise RewardAdapterError(
+                f"reward_adapter must be a local path or a hub id of a saved reward adapter, got "
+                f"{type(reward_adapter).__name__}."
             )
-        if isinstance(pretrained_model_name_or_path, PreTrainedModel):
-            model = cls(pretrained_model_name_or_path, **kwargs)
-            logger.info(f"Value head of {cls.__name__} {model.v_head_source}.")
-            return model
-        if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+
+        source = pretrained_model_name_or_path
+        adapter = None
+        if isinstance(source, (PreTrainedModel, PeftModel)):
+            loaded = cls(source, **kwargs)
+        elif not isinstance(source, (str, os.PathLike)):
             raise InvalidModelSourceError(
                 f"{cls.__name__}.from_pretrained takes a local directory, a hub id or a transformers PreTrainedModel, "
-                f"got {type(pretrained_model_name_or_path).__name__}."
+                f"got {type(source).__name__}."
             )
-        head = None
-        if kwargs.get("state_dict") is None and kwargs.get("gguf_file") is None:
-            head = cls._checkpoint_head(pretrained_model_name_or_path, kwargs)
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
-        if head is not None:
-            model.v_head_source = HeadSource(file=head.file)
-            logger.info(f"Value head of {cls.__name__} {model.v_head_source}.")
+        elif kwargs.get("state_dict") is None and (adapter := find_adapter(source, hub_kwargs)) is not None:
+            loaded = cls._from_adapter(source, adapter[0], is_trainable, hub_kwargs, model_args, kwargs)
         else:
-            logger.warning(
-                f"Value head of {cls.__name__} {model.v_head_source}: {pretrained_model_name_or_path} holds no "
-                f"`v_head.*` weights. That is right when starting from a plain language model; to resume training, "
-                "load a checkpoint saved with its value head."
-            )
+            loaded = cls._from_checkpoint(source, model_args, kwargs, hub_kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
+
+        if peft_config is not None:
+            if model.is_peft_model:
+                logger.warning(
+                    f"peft_config is ignored: {source} already holds an adapter, which is loaded instead. Load the "
+                    "base model to train a fresh adapter."
+                )
+            else:
+                model.pretrained_model = add_adapter(model.pretrained_model, peft_config)
+        if reward_adapter is not None:
+            model._attach_reward_adapter(reward_adapter, reward_adapter_name, kwargs)
+        model._report_head_source(source)
         return loaded
 
     @classmethod
-    def _checkpoint_head(cls, pretrained_model_name_or_path, kwargs: dict):
-        """The checkpoint's value head, checked against the model's hidden size before anything is loaded."""
-        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-        head = find_value_head(
-            pretrained_model_name_or_path, hub_kwargs, kwargs.get("variant"), kwargs.get("use_safetensors")
-        )
-        if head is None:
-            return None
-        config = kwargs.get("config")
-        if not isinstance(config, ValueHeadConfig):
-            config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
-        expected = (1, resolve_hidden_size(config.text_config))
-        found = head.shapes.get(HEAD_WEIGHT_KEY)
-        if found != expected:
-            raise HeadShapeMismatchError(
-                f"{head.file} holds a value head of shape {found} ({HEAD_WEIGHT_KEY}), but this "
-                f"{config.text_config.model_type} model needs {expected}: the head was trained for another base "
-                "model. Load a checkpoint of this base model, or start from its plain weights for a fresh head."
+    def _from_checkpoint(cls, pretrained_model_name_or_path, model_args: tuple, kwargs: dict, hub_kwargs: dict):
+        head = None
+        if kwargs.get("state_dict") is None and kwargs.get("gguf_file") is None:
+            head = find_value_head(
+                pretrained_model_name_or_path, hub_kwargs, kwargs.get("variant"), kwargs.get("use_safetensors")
             )
-        return head
+            if head is not None:
+                config = kwargs.get("config")
+                if not isinstance(config, ValueHeadConfig):
+                    config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
+                _check_head_shape(head, config.text_config)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if head is not None:
+            model.v_head_source = HeadSource(file=head.file)
+        return loaded
+
+    @classmethod
+    def _from_adapter(
+        cls, adapter_id, adapter_config_file: str, is_trainable: bool, hub_kwargs: dict, model_args: tuple, kwargs
+    ):
+        """The base model named by the adapter's config, the adapter on it, and the value head saved next to it."""
+        adapter_dir = os.path.dirname(adapter_config_file)
+        base = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+        if not base:
+            raise InvalidModelSourceError(
+                f"The adapter at {adapter_id} names no base model (base_model_name_or_path is empty in its "
+                "adapter_config.json): load the base model, then `model.load_adapter(path)`."
+            )
+        # revision and subfolder name where the adapter is, not the base model
+        base_kwargs = {key: value for key, value in kwargs.items() if key not in ("revision", "subfolder")}
+        if not isinstance(base_kwargs.get("config"), ValueHeadConfig):  # the auto classes pass the saved config
+            base_kwargs = {**_saved_head_settings(adapter_dir, cls.config_class), **base_kwargs}
+        base_hub_kwargs = {key: base_kwargs[key] for key in HUB_KWARGS if key in base_kwargs}
+        loaded = cls._from_checkpoint(base, model_args, base_kwargs, base_hub_kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.pretrained_model = load_adapter(model.pretrained_model, adapter_id, "default", is_trainable, hub_kwargs)
+        model._load_adapter_value_head(adapter_id, hub_kwargs)
+        return loaded
+
+    def _load_adapter_value_head(self, adapter_id, hub_kwargs: dict) -> None:
+        """Loads the value head saved next to an adapter, if there is one."""
+        head = find_adapter_value_head(adapter_id, hub_kwargs)
+        if head is None:
+            return
+        _check_head_shape(head, self.config.text_config)
+        state_dict = read_value_head(head.file)
+        device = self.v_head.summary.weight.device
+        self.v_head.load_state_dict({key: tensor.to(device) for key, tensor in state_dict.items()})
+        self.v_head_source = HeadSource(file=head.file)
+
+    def _report_head_source(self, source) -> None:
+        if self.v_head_source.is_loaded or not isinstance(source, (str, os.PathLike)):
+            logger.info(f"Value head of {type(self).__name__} {self.v_head_source}.")
+            return
+        logger.warning(
+            f"Value head of {type(self).__name__} {self.v_head_source}: {source} holds no value head (`v_head.*`, "
+            f"or {' / '.join(ADAPTER_HEAD_NAMES)} next to an adapter). That is right when starting from a plain "
+            "language model; to resume training, load a checkpoint saved with its value head."
+        )
 
     def save_pretrained(
         self,
@@ -373,13 +439,23 @@ class PreTrainedModelWrapper(PreTrainedModel):
     ) -> None:
         """`PreTrainedModel.save_pretrained` (safetensors, sharding, config, generation config), plus a `README.md`
         model card when the directory has none. Files are written to a staging folder first, so a save that fails
-        half-way leaves the checkpoint already in `save_directory` intact."""
+        half-way leaves the checkpoint already in `save_directory` intact.
+
+        A PEFT policy is saved as its adapter (peft's files, an ordinary adapter of the base model), the value head in
+        `value_head.safetensors`, and this model's `config.json` (the head's settings). The reward adapter and a
+        reference adapter are not saved: they are inputs of training, loaded again with `reward_adapter=` and
+        `copy_adapter_as_reference()`.
+        """
         save_kwargs = dict(state_dict=state_dict, max_shard_size=max_shard_size, variant=variant, **kwargs)
         if not is_main_process:  # writes nothing, but takes part in gathering a distributed state dict
-            super().save_pretrained(save_directory, is_main_process=False, **save_kwargs)
+            if not self.is_peft_model:
+                super().save_pretrained(save_directory, is_main_process=False, **save_kwargs)
             return
         with staged_save(save_directory, variant=variant) as staging:
-            super().save_pretrained(staging, **save_kwargs)
+            if self.is_peft_model:
+                self._save_policy_adapter(staging)
+            else:
+                super().save_pretrained(staging, **save_kwargs)
             if not os.path.exists(os.path.join(save_directory, "README.md")):
                 render_model_card(self.config, str(save_directory)).save(staging / "README.md")
         if push_to_hub:
@@ -389,6 +465,22 @@ class PreTrainedModelWrapper(PreTrainedModel):
                 max_shard_size=max_shard_size,
                 **{key: kwargs[key] for key in hub_keywords if key in kwargs},
             )
+
+    def _save_policy_adapter(self, directory) -> None:
+        peft_model = self.pretrained_model
+        names = [name for name in peft_model.peft_config if name not in (self.rm_adapter_name, self.ref_adapter_name)]
+        base = self.name_or_path
+        if base:  # the weights the adapter sits on: where this model was loaded from
+            base = os.path.abspath(base) if os.path.isdir(base) else base
+            for name in names:
+                peft_model.peft_config[name].base_model_name_or_path = base
+        peft_model.save_pretrained(directory, selected_adapters=names, safe_serialization=True)
+        Path(directory, "README.md").unlink(missing_ok=True)  # peft's card; ours is written when the directory has none
+        head = {f"v_head.{key}": tensor.detach().cpu().contiguous() for key, tensor in self.v_head.state_dict().items()}
+        save_file(head, os.path.join(directory, ADAPTER_HEAD_NAMES[0]), metadata={"format": "pt"})
+        self.config.save_pretrained(directory)
+        if self.can_generate():
+            self.generation_config.save_pretrained(directory)
 
 
 class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper, GenerationMixin):
@@ -499,6 +591,30 @@ class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper, GenerationMixin
             **kwargs,
         )
         return self._forward_with_value(inputs, return_past_key_values, return_logits)
+
+
+def _check_head_shape(head: CheckpointHead, text_config) -> None:
+    """Raises `HeadShapeMismatchError` unless the checkpoint's head fits a model of `text_config`."""
+    expected = (1, resolve_hidden_size(text_config))
+    found = head.shapes.get(HEAD_WEIGHT_KEY)
+    if found != expected:
+        raise HeadShapeMismatchError(
+            f"{head.file} holds a value head of shape {found} ({HEAD_WEIGHT_KEY}), but this "
+            f"{text_config.model_type} model needs {expected}: the head was trained for another base model. Load a "
+            "checkpoint of this base model, or start from its plain weights for a fresh head."
+        )
+
+
+def _saved_head_settings(directory: str, config_class: type[ValueHeadConfig]) -> dict:
+    """The head's settings from a `config.json` this package saved next to an adapter (none for other adapters)."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as file:
+        saved = json.load(file)
+    if saved.get("model_type") != config_class.model_type:
+        return {}
+    return {key: saved[key] for key in HEAD_SETTINGS if key in saved}
 
 
 def _head_settings(settings: dict) -> dict:

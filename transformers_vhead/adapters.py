@@ -1,0 +1,391 @@
+"""PEFT adapters on the wrapped language model: adding and loading them with checks, and switching them without side
+effects.
+
+A value-head model with adapters always holds its language model as a `peft.PeftModel` (TRL's layout: TRL code calls
+`model.pretrained_model.disable_adapter()`), whichever way the adapter came: `peft_config=`, a `PeftModel` instance, an
+adapter directory, or transformers' adapter API on the value-head model. Adapter weights are therefore named relative
+to the language model, and a saved policy adapter is an ordinary adapter of the base model.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import AdapterMismatchError, AdapterNotFoundError, PeftConfigError
+from .loading import load_pickle_state_dict, read_safetensors_header, resolve_file
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # peft's names, safetensors first
+PEFT_KEY_PREFIX = "base_model.model."  # what peft puts before the language model's own parameter names
+
+_PROMPT_LEARNING_REASON = (
+    "prompt-learning adapters (prompt tuning, prefix tuning, p-tuning) prepend virtual tokens, so the hidden states no "
+    "longer line up with input_ids and the value of each token would be misplaced; TRL rejects them for the same "
+    "reason. Use LoRA or another adapter that changes the layers (IA3, LoHa, ...)."
+)
+
+
+class AdapterLock:
+    """A re-entrant lock held while a model's active adapter or modes are switched. A deep copy or a pickle of the
+    model gets a fresh lock (a thread lock itself can be neither copied nor pickled)."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> AdapterLock:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._lock.release()
+
+    def __deepcopy__(self, memo: dict) -> AdapterLock:
+        return AdapterLock()
+
+    def __reduce__(self):
+        return AdapterLock, ()
+
+
+def check_peft_config(peft_config: object) -> PeftConfig:
+    """Returns `peft_config` if it can configure a value-head policy.
+
+    Raises:
+        PeftConfigError: it is not a `peft.PeftConfig`, or it is a prompt-learning config.
+    """
+    if not isinstance(peft_config, PeftConfig):
+        raise PeftConfigError(
+            f"peft_config must be a peft.PeftConfig such as peft.LoraConfig(...), got {type(peft_config).__name__}."
+        )
+    if peft_config.is_prompt_learning:
+        raise PeftConfigError(f"{type(peft_config).__name__} is not supported: {_PROMPT_LEARNING_REASON}")
+    return peft_config
+
+
+def check_language_model(model: nn.Module) -> None:
+    """Rejects the language models a value head cannot wrap with its adapters kept.
+
+    Raises:
+        PeftConfigError: a `PeftModel` with a prompt-learning adapter, or a model whose adapters transformers injected
+            in place (`model.load_adapter(...)` on the bare model), which would be saved as full weights.
+    """
+    if isinstance(model, PeftModel):
+        for config in model.peft_config.values():
+            check_peft_config(config)
+    elif getattr(model, "_hf_peft_config_loaded", False):
+        raise PeftConfigError(
+            f"This {type(model).__name__} has adapters loaded in place by transformers, which a value-head model "
+            "cannot save with its head. Wrap the bare model and call `load_adapter` / `add_adapter` on the value-head "
+            "model, or wrap a peft.PeftModel."
+        )
+
+
+def add_adapter(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Adds a fresh, trainable adapter to `model`, wrapping it in a `PeftModel` first if it is not one."""
+    check_peft_config(peft_config)
+    if isinstance(model, PeftModel):
+        model.add_adapter(adapter_name, peft_config)
+        return model
+    return get_peft_model(model, peft_config, adapter_name=adapter_name)
+
+
+def find_adapter(model_id: str | os.PathLike, hub_kwargs: dict) -> tuple[str, str] | None:
+    """The local paths of an adapter's config and weights (from the hub cache for a hub id), or `None` when
+    `model_id` holds no `adapter_config.json`.
+
+    Raises:
+        AdapterNotFoundError: there is an adapter config but no adapter weights next to it.
+    """
+    config_file = resolve_file(str(model_id), ADAPTER_CONFIG_NAME, hub_kwargs)
+    if config_file is None:
+        return None
+    for name in ADAPTER_WEIGHTS_NAMES:
+        weights_file = resolve_file(str(model_id), name, hub_kwargs)
+        if weights_file is not None:
+            return config_file, weights_file
+    raise AdapterNotFoundError(
+        f"{model_id} has an {ADAPTER_CONFIG_NAME} but no adapter weights ({' or '.join(ADAPTER_WEIGHTS_NAMES)}): "
+        "the adapter was not saved completely. Save it again with `save_pretrained`."
+    )
+
+
+def require_adapter(model_id: str | os.PathLike, hub_kwargs: dict) -> tuple[str, str]:
+    """As [`find_adapter`], but a path without an adapter is an error.
+
+    Raises:
+        AdapterNotFoundError: `model_id` holds no adapter (names what was looked for).
+    """
+    found = find_adapter(model_id, hub_kwargs)
+    if found is None:
+        raise AdapterNotFoundError(
+            f"{model_id} holds no PEFT adapter: no {ADAPTER_CONFIG_NAME} was found there (nor in the hub cache). "
+            "Pass the directory or hub id that `PeftModel.save_pretrained` wrote."
+        )
+    return found
+
+
+def read_tensor_shapes(weights_file: str) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in a safetensors file (from its header) or a weights-only pickle."""
+    if weights_file.endswith(".safetensors"):
+        return {name: tuple(entry["shape"]) for name, entry in read_safetensors_header(weights_file).items()}
+    return {name: tuple(tensor.shape) for name, tensor in load_pickle_state_dict(weights_file).items()}
+
+
+def _linear_features(layer: nn.Module) -> tuple[int, int] | None:
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, Conv1D):  # GPT-2 style: the weight is stored (in, out)
+        return layer.weight.shape[0], layer.weight.shape[1]
+    return None
+
+
+def check_adapter_fits(model: nn.Module, weights_file: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Checks, before anything is loaded, that each LoRA matrix in `weights_file` fits the layer it adapts.
+
+    Args:
+        model: the language model (a `PeftModel` or the bare model).
+        weights_file: the adapter's weights file, named in the error.
+        shapes: its tensors' shapes (see [`read_tensor_shapes`]).
+
+    Raises:
+        AdapterMismatchError: a matrix targets a layer this model lacks, or its shape does not fit (the adapter was
+            trained for another base model).
+    """
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    for key, shape in shapes.items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        module_path = key.removeprefix(PEFT_KEY_PREFIX).split(".lora_")[0]
+        try:
+            layer = base.get_submodule(module_path)
+        except AttributeError:
+            raise AdapterMismatchError(
+                f"{weights_file} adapts `{module_path}`, which this {type(base).__name__} does not have: the adapter "
+                "was trained for another base model. Load it onto the base model it was trained on."
+            ) from None
+        features = _linear_features(getattr(layer, "base_layer", layer))
+        if features is None or len(shape) != 2:
+            continue
+        in_features, out_features = features
+        fits = shape[1] == in_features if ".lora_A." in key else shape[0] == out_features
+        if not fits:
+            raise AdapterMismatchError(
+                f"{weights_file} holds {key} of shape {shape}, which does not fit `{module_path}` "
+                f"(in_features={in_features}, out_features={out_features}) of this {type(base).__name__}: the "
+                "adapter was trained for another base model. Load it onto the base model it was trained on."
+            )
+
+
+def load_adapter(
+    model: nn.Module,
+    model_id: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    hub_kwargs: dict | None = None,
+) -> PeftModel:
+    """Loads a saved adapter onto `model` (wrapping it in a `PeftModel` first if it is not one), after checking that it
+    fits, so a mismatched adapter leaves the model untouched.
+
+    Args:
+        model: the language model.
+        model_id: a directory or hub id holding `adapter_config.json` and the adapter weights.
+        adapter_name: the name the adapter gets.
+        is_trainable: `False` (TRL's and peft's default) loads it frozen.
+        hub_kwargs: `cache_dir`, `revision`, `token`, ... for the hub cache.
+
+    Raises:
+        AdapterNotFoundError, AdapterMismatchError, PeftConfigError: see [`require_adapter`], [`check_adapter_fits`],
+            [`check_peft_config`].
+    """
+    config_file, weights_file = require_adapter(model_id, hub_kwargs or {})
+    adapter_dir = os.path.dirname(config_file)  # local, or the hub cache's snapshot: no second lookup by peft
+    check_peft_config(PeftConfig.from_pretrained(adapter_dir))
+    check_adapter_fits(model, weights_file, read_tensor_shapes(weights_file))
+    if isinstance(model, PeftModel):
+        model.load_adapter(adapter_dir, adapter_name, is_trainable=is_trainable)
+        return model
+    return PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
+
+
+def _tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
+    return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+
+
+@contextmanager
+def switched_adapter(model: PeftModel, adapter_name: str | None) -> Iterator[None]:
+    """Within the block, only `adapter_name` is active (with `None`, every adapter is off: the base model).
+
+    On exit, also when the block raises, the active adapter, whether adapters were enabled, and every parameter's
+    `requires_grad` are as before (peft's `set_adapter` would otherwise make the adapter it activates trainable).
+    """
+    tuner = model.base_model
+    previous = tuner.active_adapter
+    was_enabled = any(not layer.disable_adapters for layer in _tuner_layers(model))
+    requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        if adapter_name is None:
+            tuner.disable_adapter_layers()
+        else:
+            tuner.set_adapter(adapter_name)
+            tuner.enable_adapter_layers()
+        yield
+    finally:
+        tuner.set_adapter(previous)
+        if was_enabled:
+            tuner.enable_adapter_layers()
+        else:
+            tuner.disable_adapter_layers()
+        for parameter, flag in requires_grad:
+            parameter.requires_grad_(flag)
+
+
+@torch.no_grad()
+def copy_adapter(model: PeftModel, source: str, target: str) -> None:
+    """Adds adapter `target` as a frozen copy of adapter `source` (same config, same weights).
+
+    Raises:
+        ValueError: `source` does not exist or `target` already does.
+    """
+    if source not in model.peft_config:
+        raise ValueError(f"There is no adapter {source!r} to copy; the adapters are {list(model.peft_config)}.")
+    if target in model.peft_config:
+        raise ValueError(f"An adapter named {target!r} already exists; pick another name.")
+    config = PeftConfig.from_peft_type(**model.peft_config[source].to_dict())
+    with switched_adapter(model, source):  # add_adapter must not change which adapter is active or trainable
+        model.add_adapter(target, config)
+    parameters = dict(model.named_parameters())
+    for name, parameter in parameters.items():
+        if f".{target}." in name:
+            parameter.copy_(parameters[name.replace(f".{target}.", f".{source}.")])
+            parameter.requires_grad_(False)
+
+
+def _names(adapter_names: str | list[str]) -> list[str]:
+    return [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+
+
+class AdapterMethods:
+    """transformers' adapter API (`load_adapter`, `add_adapter`, `set_adapter`, `disable_adapters`, `enable_adapters`,
+    `active_adapters`, `delete_adapter`) on a value-head model, plus the PPO reference through the adapters. Mixed into
+    `PreTrainedModelWrapper`; every call acts on the wrapped language model as a `PeftModel`."""
+
+    policy_adapter_name = "default"  # TRL's name for the policy's adapter
+    rm_adapter_name: str | None = None
+    ref_adapter_name: str | None = None
+
+    def _peft_model(self) -> PeftModel:
+        if not isinstance(self.pretrained_model, PeftModel):
+            raise ValueError("No adapter loaded. Please load an adapter first.")  # transformers' message
+        return self.pretrained_model
+
+    def add_adapter(self, adapter_config: PeftConfig, adapter_name: str | None = None) -> None:
+        """Adds a fresh adapter and activates it (trainable), as transformers' `add_adapter` does."""
+        adapter_name = adapter_name or "default"
+        self.pretrained_model = add_adapter(self.pretrained_model, adapter_config, adapter_name)
+        self.pretrained_model.set_adapter(adapter_name)
+
+    def load_adapter(
+        self,
+        peft_model_id: str | os.PathLike,
+        adapter_name: str | None = None,
+        is_trainable: bool = False,
+        token: str | None = None,
+        revision: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Loads a saved adapter (frozen unless `is_trainable`), and the value head saved with it, if any.
+
+        The first adapter becomes active; a further one is only added, as in peft (activate it with `set_adapter`).
+        """
+        hub_kwargs = {key: value for key, value in (("token", token), ("revision", revision)) if value is not None}
+        self.pretrained_model = load_adapter(
+            self.pretrained_model, peft_model_id, adapter_name or "default", is_trainable, hub_kwargs
+        )
+        self._load_adapter_value_head(peft_model_id, hub_kwargs)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        self._peft_model().set_adapter(adapter_name)
+
+    def disable_adapters(self) -> None:
+        self._peft_model().base_model.disable_adapter_layers()
+
+    def enable_adapters(self) -> None:
+        self._peft_model().base_model.enable_adapter_layers()
+
+    def active_adapters(self) -> list[str]:
+        return list(self._peft_model().active_adapters)
+
+    def delete_adapter(self, adapter_names: str | list[str]) -> None:
+        for name in _names(adapter_names):
+            self._peft_model().delete_adapter(name)
+            if name == self.ref_adapter_name:
+                self.ref_adapter_name = None
+
+    @contextmanager
+    def _inference_state(self, switch: bool = False, adapter_name: str | None = None) -> Iterator[None]:
+        """Eval mode and no gradients for the block, with `adapter_name` as the only active adapter when `switch`
+        (`None`: every adapter off). The modes of all modules, the adapters and `requires_grad` are put back after the
+        block, also when it raises; the model's lock keeps concurrent callers from seeing each other's switch."""
+        with self._adapter_lock, torch.no_grad():
+            modes = [(module, module.training) for module in self.modules()]
+            self.eval()
+            try:
+                if switch:
+                    with switched_adapter(self._peft_model(), adapter_name):
+                        yield
+                else:
+                    yield
+            finally:
+                for module, training in modes:
+                    module.training = training
+
+    @contextmanager
+    def as_reference(self) -> Iterator[None]:
+        """Within the block the model is the PPO reference of its PEFT policy: the adapter named by
+        `ref_adapter_name` (see [`copy_adapter_as_reference`]), or else no adapter at all (the base model). Eval mode
+        and no gradients; everything is put back on exit.
+
+        Example:
+
+        ```python
+        with model.as_reference():
+            reference_logits = model(input_ids, attention_mask=attention_mask).logits
+        ```
+        """
+        with self._inference_state(switch=True, adapter_name=self.ref_adapter_name):
+            yield
+
+    def compute_reference_logprobs(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.FloatTensor:
+        """The reference's log-probabilities of the given tokens (see [`as_reference`]).
+
+        Returns:
+            fp32 `(batch, seq - 1)`: entry `t` is log p(token `t + 1` | tokens up to `t`) (for a seq2seq model, of the
+            `decoder_input_ids`).
+        """
+        with self.as_reference():
+            logits = self(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits.float()
+        tokens = kwargs["decoder_input_ids"] if self.config.is_encoder_decoder else input_ids
+        targets = tokens[:, 1:].unsqueeze(-1).to(logits.device)
+        logits = logits[:, :-1]
+        return (logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)).float()
+
+    def copy_adapter_as_reference(self, adapter_name: str = "ref") -> None:
+        """Keeps the policy's current adapter, as it is now, as a frozen reference adapter `adapter_name`, which
+        [`as_reference`] then uses instead of the base model. Call it when the policy starts from an already-trained
+        adapter (TRL #495): its KL penalty must be taken against that adapter, not the bare base. The copy is not
+        saved with the policy."""
+        active = self.active_adapters()
+        if len(active) != 1:
+            raise ValueError(f"Exactly one adapter must be active to copy it as the reference; active: {active}.")
+        copy_adapter(self._peft_model(), active[0], adapter_name)
+        self.ref_adapter_name = adapter_name
