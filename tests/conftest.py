@@ -81,3 +81,31 @@ def populate_hub_cache(cache_dir: Path, repo_id: str, source: Path, commit: str 
     (repo_folder / "refs").mkdir(parents=True, exist_ok=True)
     (repo_folder / "refs" / "main").write_text(commit)
     return snapshot
+
+
+# LoRA settings of the test adapters. `init_lora_weights=False` makes them change the outputs (a fresh LoRA is a no-op).
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+
+
+def policy_lora(**overrides):
+    """A CAUSAL_LM LoRA config for a tiny Llama policy."""
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", **{**LORA, **overrides})
+
+
+def save_reward_adapter(base_dir: Path, path: Path, seed: int = 1, num_labels: int = 1) -> Path:
+    """A SEQ_CLS LoRA reward adapter of the model in `base_dir`, with its `score` head, saved by peft to `path`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
+    get_peft_model(reward_model, LoraConfig(task_type="SEQ_CLS", **LORA)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def reward_adapter_dir(llama_dir: Path, tmp_path: Path) -> Path:
+    """A SEQ_CLS LoRA reward adapter (one label) of the tiny Llama in `llama_dir`."""
+    return save_reward_adapter(llama_dir, tmp_path / "reward-adapter")

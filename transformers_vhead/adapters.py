@@ -123,7 +123,12 @@ def require_adapter(model_id: str | os.PathLike, hub_kwargs: dict) -> tuple[str,
     Raises:
         AdapterNotFoundError: `model_id` holds no adapter (names what was looked for).
     """
-    found = find_adapter(model_id, hub_kwargs)
+    try:
+        found = find_adapter(model_id, hub_kwargs)
+    except AdapterNotFoundError:
+        raise
+    except OSError as exc:  # neither an existing directory nor a valid hub id
+        raise AdapterNotFoundError(f"{model_id} holds no PEFT adapter: {exc}") from exc
     if found is None:
         raise AdapterNotFoundError(
             f"{model_id} holds no PEFT adapter: no {ADAPTER_CONFIG_NAME} was found there (nor in the hub cache). "
