@@ -17,3 +17,18 @@ def test_quickstart_runs(llama_dir, tmp_path, monkeypatch):
     assert type(namespace["model"]).__name__ == "AutoModelForCausalLMWithValueHead"
     assert namespace["model"].v_head_source.is_loaded  # the last line reloads "my-critic"
     assert namespace["values"].shape == (1, 4) and namespace["tokens"].shape[1] > 4
+
+
+def test_multi_adapter_example_runs(llama_dir, reward_adapter_dir, tmp_path, monkeypatch):
+    section = README.read_text().split("## PEFT policies, reward adapters and the reference", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    code = code.replace('"base-model"', repr(str(llama_dir))).replace('"reward-adapter"', repr(str(reward_adapter_dir)))
+    monkeypatch.chdir(tmp_path)
+
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+
+    model = namespace["model"]  # reloaded from "ppo-policy"
+    assert model.is_peft_model and model.v_head_source.file.endswith("value_head.safetensors")
+    assert namespace["rewards"].shape == (2,) and namespace["reference_logprobs"].shape == (2, 4)
+    assert namespace["values"].shape == (2, 5) and namespace["reference_logits"].shape == (2, 5, 96)
