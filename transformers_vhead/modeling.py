@@ -143,7 +143,7 @@ class PreTrainedModelWrapper(AdapterMethods, RewardScoring, PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _keys_to_ignore_on_load_missing = [r"^v_head\."]  # a fresh head is reported by `v_head_source`, not as "missing"
-    _keep_in_fp32_modules_strict = ["v_head", "score"]
+    _keep_in_fp32_modules_strict = ["v_head"]
 
     transformers_parent_class: ClassVar[type | None] = None
     supported_args: ClassVar[tuple[str, ...]] = (
@@ -218,8 +218,6 @@ class PreTrainedModelWrapper(AdapterMethods, RewardScoring, PreTrainedModel):
     @property
     def is_peft_model(self) -> bool:
         """Whether the wrapped model is a `peft.PeftModel` (TRL's attribute)."""
-        from peft import PeftModel
-
         return isinstance(self.pretrained_model, PeftModel)
 
     def get_input_embeddings(self) -> nn.Module:
