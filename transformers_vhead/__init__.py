@@ -1,7 +1,8 @@
 """transformers-vhead: value-head language models as first-class Hugging Face transformers models.
 
 Importing the package registers its config and model classes with transformers' auto classes, so
-`AutoModelForCausalLM.from_pretrained(path)` loads a saved value-head model without `trust_remote_code`.
+`AutoModelForCausalLM.from_pretrained(path)` loads a saved value-head model without `trust_remote_code`, and the
+"value-scoring" pipeline task, so `pipeline("value-scoring", model=path)` scores texts.
 """
 
 from .auto import register
@@ -15,6 +16,7 @@ from .modeling import (
     PreTrainedModelWrapper,
     Seq2SeqLMOutputWithValue,
 )
+from .pipelines import ValueScoringPipeline
 
 __version__ = "0.1.0"
 
@@ -29,6 +31,7 @@ __all__ = [
     "Seq2SeqLMWithValueHeadConfig",
     "ValueHead",
     "ValueHeadConfig",
+    "ValueScoringPipeline",
     "register",
 ]
 

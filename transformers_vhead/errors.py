@@ -65,3 +65,7 @@ class MissingScoreHeadError(RewardAdapterError):
 
 class EmptySequenceError(TransformersVheadError, ValueError):
     """A row of the attention mask is all zeros, so that sequence has no token to score."""
+
+
+class NotAValueHeadModelError(TransformersVheadError, ValueError):
+    """A value-head pipeline was given a plain language model (or anything else without a value head)."""
