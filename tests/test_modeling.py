@@ -229,3 +229,12 @@ def test_plain_lm_keywords_reach_the_wrapped_config(llama_dir):
 
     assert model.pretrained_model.config.use_cache is False
     assert model.pretrained_model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_wrapping_an_instance_puts_the_head_in_the_instances_mode(training):
+    """`from_pretrained` of a path returns an eval model; wrapping an instance keeps the instance's mode, head too (the
+    head's dropout would otherwise be on around an eval-mode language model)."""
+    bare = build_bare("llama").train(training)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(bare)
+    assert model.training is training and model.v_head.training is training and bare.training is training

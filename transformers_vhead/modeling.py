@@ -338,7 +338,7 @@ class PreTrainedModelWrapper(AdapterMethods, RewardScoring, PreTrainedModel):
         source = pretrained_model_name_or_path
         adapter = None
         if isinstance(source, (PreTrainedModel, PeftModel)):
-            loaded = cls(source, **kwargs)
+            loaded = cls(source, **kwargs).train(source.training)  # the head follows the wrapped model's mode
         elif not isinstance(source, (str, os.PathLike)):
             raise InvalidModelSourceError(
                 f"{cls.__name__}.from_pretrained takes a local directory, a hub id or a transformers PreTrainedModel, "

@@ -197,7 +197,8 @@ class RewardScoring:
         The reward adapter and its `score` head score when the model has one; otherwise the value head does (a critic's
         or a value-head reward model's value). The last token comes from the attention mask, so left and right padding
         and pad == eos all give the same score; position ids are derived from the mask when the model takes them (a
-        left-padded sequence scores as if unpadded). The LM head never runs, gradients are off, and the active adapter
+        left-padded sequence scores as if unpadded). A seq2seq decoder with absolute positions (BART, Pegasus) takes
+        no position ids: pad its inputs on the right. The LM head never runs, gradients are off, and the active adapter
         and train/eval modes are put back afterwards.
 
         Args:
