@@ -10,12 +10,16 @@ import os
 from collections.abc import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from transformers_vhead import AutoModelForCausalLMWithValueHead
 
 from .rows import BARE, BF16_NO_UPCAST, OURS, TRL
 from .workload import Workload
+
+REWARD_ADAPTER = "reward-adapter"  # the reward row's adapter, saved next to the checkpoints of the load row
+REWARD_NAME = "reward_adapter"  # the name the adapter gets in the bare PeftModel (the value heads' default)
 
 
 def trl_value_head_class() -> type:
@@ -55,16 +59,50 @@ def with_value_head(implementation: str, model: LlamaForCausalLM, **head_setting
     return trl_value_head_class().from_pretrained(model, **head_settings).eval()
 
 
+def lora(task_type: str, **settings) -> LoraConfig:
+    """The LoRA settings of the reward row's adapters, the policy's ("CAUSAL_LM") and the reward model's ("SEQ_CLS")."""
+    return LoraConfig(task_type=task_type, r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], **settings)
+
+
+def save_reward_adapter(workload: Workload, directory: str) -> None:
+    """A LoRA reward adapter with its `score` head, trained for the bare checkpoint (here: random, seeded), as peft
+    saves a `SEQ_CLS` adapter. `init_lora_weights=False` makes its LoRA matrices non-zero, so it changes the output."""
+    torch.manual_seed(workload.seed + 1)
+    classifier = AutoModelForSequenceClassification.from_pretrained(os.path.join(directory, BARE), num_labels=1)
+    reward = get_peft_model(classifier, lora("SEQ_CLS", init_lora_weights=False))
+    reward.save_pretrained(os.path.join(directory, REWARD_ADAPTER))
+
+
 def save_checkpoints(workload: Workload, directory: str) -> None:
-    """The same weights saved three ways for the load row: plain, by transformers-vhead, by TRL (when installed)."""
+    """The same weights saved three ways for the load row (plain, by transformers-vhead, by TRL when installed), and
+    a reward adapter for the plain one."""
     model = bare_model(workload)
     model.save_pretrained(os.path.join(directory, BARE))
     with_value_head(OURS, model).save_pretrained(os.path.join(directory, OURS))
+    save_reward_adapter(workload, directory)
     try:
         trl_model = with_value_head(TRL, model)
     except ImportError:
         return
     trl_model.save_pretrained(os.path.join(directory, TRL))
+
+
+def reward_scoring(implementation: str, batch: dict[str, torch.Tensor], checkpoints: str) -> Callable[[], object]:
+    """Scores with the reward adapter next to a fresh LoRA policy. Bare: the backbone (no LM head) of a PeftModel
+    with both adapters and the reward adapter active; ours: one score per sequence; TRL: its per-token scores, of
+    which the last token's is picked."""
+    base, reward = os.path.join(checkpoints, BARE), os.path.join(checkpoints, REWARD_ADAPTER)
+    if implementation == BARE:
+        peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(base), lora("CAUSAL_LM"))
+        peft_model.load_adapter(reward, REWARD_NAME, is_trainable=False)
+        peft_model.set_adapter(REWARD_NAME)
+        backbone = peft_model.eval().get_base_model().model
+        return lambda: backbone(**batch, use_cache=False)
+    model_class = AutoModelForCausalLMWithValueHead if implementation == OURS else trl_value_head_class()
+    model = model_class.from_pretrained(base, peft_config=lora("CAUSAL_LM"), reward_adapter=reward).eval()
+    if implementation == OURS:
+        return lambda: model.compute_sequence_scores(**batch)
+    return lambda: model.compute_reward_score(**batch)[:, -1]
 
 
 def build(row: str, implementation: str, workload: Workload, checkpoints: str) -> Callable[[], object]:
@@ -76,6 +114,8 @@ def build(row: str, implementation: str, workload: Workload, checkpoints: str) -
             return lambda: trl_class.from_pretrained(os.path.join(checkpoints, TRL))
         # AutoModelForCausalLM picks our class from the saved config: the path users take.
         return lambda: AutoModelForCausalLM.from_pretrained(os.path.join(checkpoints, implementation))
+    if row == "reward score":
+        return reward_scoring(implementation, batch, checkpoints)
 
     dtype = torch.bfloat16 if row.startswith("bf16") else torch.float32
     head_settings = {"upcast_logits": False} if row == BF16_NO_UPCAST and implementation == OURS else {}

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from .workload import Workload
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.measure", description=__doc__)
-    parser.add_argument("row", help="a row of the table, or 'prepare' to save the checkpoints the load row reads")
+    parser.add_argument("row", help="a row of the table, or 'prepare' to save the checkpoints some rows read")
     parser.add_argument("implementation", nargs="?")
     parser.add_argument("--workload", required=True, help="the Workload as JSON")
     parser.add_argument("--checkpoints", required=True, help="the directory of the saved checkpoints")

@@ -24,6 +24,7 @@ class Row:
     what: str
     implementations: tuple[str, ...] = (BARE, OURS, TRL)
     target: Target = Target()
+    checkpoints: bool = False  # reads the checkpoints that `python -m benchmarks.measure prepare` saves
 
 
 ROWS = (
@@ -45,8 +46,17 @@ ROWS = (
         "load",
         "from_pretrained of a saved checkpoint (ours through AutoModelForCausalLM) vs the bare checkpoint's",
         target=Target(1.10),
+        checkpoints=True,
     ),
     Row("bf16 forward", "the forward with the base in bf16; logits are upcast to fp32 (as TRL does), the head is fp32"),
     Row(BF16_NO_UPCAST, "the bf16 forward with our `upcast_logits=False`: no fp32 copy of the logits", (BARE, OURS)),
+    Row(
+        "reward score",
+        "reward-adapter scoring: one score per sequence from a LoRA reward adapter and its `score` head, loaded next "
+        "to a LoRA policy on the same base, vs the bare backbone's forward with the reward adapter active (no LM head, "
+        "no score head); TRL's column is its per-token compute_reward_score with the last token picked",
+        target=Target(time=1.10, memory=1.10),
+        checkpoints=True,
+    ),
 )
 ROWS_BY_NAME = {row.name: row for row in ROWS}

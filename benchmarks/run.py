@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     trl = None if args.without_trl else trl_version()
 
     with tempfile.TemporaryDirectory(prefix="transformers-vhead-bench-") as checkpoints:
-        if "load" in rows:
+        if any(ROWS_BY_NAME[name].checkpoints for name in rows):
             run_case(["prepare"], workload, checkpoints)
         results = measure_all(rows, workload, args.rounds, trl is not None, checkpoints)
 

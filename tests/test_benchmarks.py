@@ -9,10 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from benchmarks import cases
 from benchmarks.report import Cell, checks, spread, summary, table
 from benchmarks.rows import BARE, OURS, ROWS, TRL
 from benchmarks.run import main, trl_version
+from benchmarks.workload import Workload
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -58,6 +62,27 @@ def test_runner_measures_every_row_in_fresh_processes(tmp_path):
     targets = {(row.name, kind) for row in ROWS for kind in ("time", "memory") if getattr(row.target, kind)}
     assert checked == targets
     assert "targets: " in process.stdout
+
+
+@torch.no_grad()
+def test_reward_score_cases_compute_the_same_scores(tmp_path):
+    # What the reward row times is the same work for every column: the reward adapter's last-token score (bare: the
+    # backbone's hidden state with the reward adapter active, scored here by the adapter's `score` weight).
+    workload = Workload(**{name.replace("-", "_"): value for name, value in TINY.items() if name != "rounds"})
+    cases.save_checkpoints(workload, str(tmp_path))
+    ours = cases.build("reward score", OURS, workload, str(tmp_path))()
+    assert ours.shape == (workload.batch_size,) and ours.dtype == torch.float32
+
+    adapter = load_file(tmp_path / cases.REWARD_ADAPTER / "adapter_model.safetensors")
+    [score] = [tensor for name, tensor in adapter.items() if name.endswith("score.weight")]
+    hidden = cases.build("reward score", BARE, workload, str(tmp_path))().last_hidden_state
+    torch.testing.assert_close(ours, (hidden[:, -1] @ score.T).squeeze(-1), rtol=0, atol=1e-4)
+    plain = cases.bare_model(workload).model(**cases.inputs(workload), use_cache=False).last_hidden_state
+    assert not torch.allclose(hidden, plain, atol=1e-4)  # the reward adapter is active and not a no-op
+
+    if trl_version():
+        theirs = cases.build("reward score", TRL, workload, str(tmp_path))()
+        torch.testing.assert_close(ours, theirs.squeeze(-1), rtol=0, atol=1e-4)
 
 
 def test_unknown_row_is_refused(capsys):
