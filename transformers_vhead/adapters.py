@@ -21,7 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import AdapterMismatchError, AdapterNotFoundError, PeftConfigError
-from .loading import load_pickle_state_dict, read_safetensors_header, resolve_file
+from .loading import read_tensor_shapes, resolve_file
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # peft's names, safetensors first
@@ -135,13 +135,6 @@ def require_adapter(model_id: str | os.PathLike, hub_kwargs: dict) -> tuple[str,
             "Pass the directory or hub id that `PeftModel.save_pretrained` wrote."
         )
     return found
-
-
-def read_tensor_shapes(weights_file: str) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor in a safetensors file (from its header) or a weights-only pickle."""
-    if weights_file.endswith(".safetensors"):
-        return {name: tuple(entry["shape"]) for name, entry in read_safetensors_header(weights_file).items()}
-    return {name: tuple(tensor.shape) for name, tensor in load_pickle_state_dict(weights_file).items()}
 
 
 def _linear_features(layer: nn.Module) -> tuple[int, int] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -119,12 +120,30 @@ def load_pickle_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise CorruptCheckpointError(f"Cannot read {path} as a weights-only PyTorch state dict: {exc}") from exc
 
 
-def _head_shapes(path: str) -> dict[str, tuple[int, ...]]:
+def read_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in a safetensors file (from its header only) or a weights-only pickle."""
     if path.endswith(".safetensors"):
-        header = read_safetensors_header(path)
-        return {name: tuple(header[name]["shape"]) for name in (HEAD_WEIGHT_KEY, HEAD_BIAS_KEY) if name in header}
-    state_dict = load_pickle_state_dict(path)
-    return {name: tuple(state_dict[name].shape) for name in (HEAD_WEIGHT_KEY, HEAD_BIAS_KEY) if name in state_dict}
+        return {name: tuple(entry["shape"]) for name, entry in read_safetensors_header(path).items()}
+    return {name: tuple(tensor.shape) for name, tensor in load_pickle_state_dict(path).items()}
+
+
+def read_tensors(path: str, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file or a weights-only pickle whose names `keep` accepts; a safetensors file
+    reads only those."""
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt") as file:
+            return {name: file.get_tensor(name) for name in file.keys() if keep(name)}
+    return {name: tensor for name, tensor in load_pickle_state_dict(path).items() if keep(name)}
+
+
+def hub_kwargs_of(kwargs: dict) -> dict:
+    """The keywords among `kwargs` that say where files come from (see `HUB_KWARGS`)."""
+    return {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+
+
+def _head_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    shapes = read_tensor_shapes(path)
+    return {name: shapes[name] for name in (HEAD_WEIGHT_KEY, HEAD_BIAS_KEY) if name in shapes}
 
 
 def find_value_head(
@@ -189,10 +208,5 @@ def find_adapter_value_head(path_or_id: str | os.PathLike, hub_kwargs: dict) -> 
 
 def read_value_head(path: str) -> dict[str, torch.Tensor]:
     """The `v_head.*` tensors of a weights file, with the `v_head.` prefix stripped (the keys of `ValueHead`)."""
-    if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt") as file:
-            return {
-                key.removeprefix("v_head."): file.get_tensor(key) for key in file.keys() if key.startswith("v_head.")
-            }
-    state_dict = load_pickle_state_dict(path)
-    return {key.removeprefix("v_head."): tensor for key, tensor in state_dict.items() if key.startswith("v_head.")}
+    tensors = read_tensors(path, lambda name: name.startswith("v_head."))
+    return {name.removeprefix("v_head."): tensor for name, tensor in tensors.items()}

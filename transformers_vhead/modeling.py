@@ -46,11 +46,11 @@ from .heads import ValueHead
 from .loading import (
     ADAPTER_HEAD_NAMES,
     HEAD_WEIGHT_KEY,
-    HUB_KWARGS,
     CheckpointHead,
     HeadSource,
     find_adapter_value_head,
     find_value_head,
+    hub_kwargs_of,
     read_value_head,
 )
 from .reward import RewardScoring
@@ -333,7 +333,7 @@ class PreTrainedModelWrapper(AdapterMethods, RewardScoring, PreTrainedModel):
                 f"reward_adapter must be a local path or a hub id of a saved reward adapter, got "
                 f"{type(reward_adapter).__name__}."
             )
-        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+        hub_kwargs = hub_kwargs_of(kwargs)
 
         source = pretrained_model_name_or_path
         adapter = None
@@ -348,7 +348,7 @@ class PreTrainedModelWrapper(AdapterMethods, RewardScoring, PreTrainedModel):
             loaded = cls._from_adapter(source, adapter[0], is_trainable, hub_kwargs, model_args, kwargs)
         else:
             loaded = cls._from_checkpoint(source, model_args, kwargs, hub_kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
+        model = _model_of(loaded)
 
         if peft_config is not None:
             if model.is_peft_model:
@@ -376,7 +376,7 @@ class PreTrainedModelWrapper(AdapterMethods, RewardScoring, PreTrainedModel):
                     config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
                 _check_head_shape(head, config.text_config)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model = _model_of(loaded)
         if head is not None:
             model.v_head_source = HeadSource(file=head.file)
         return loaded
@@ -397,9 +397,8 @@ class PreTrainedModelWrapper(AdapterMethods, RewardScoring, PreTrainedModel):
         base_kwargs = {key: value for key, value in kwargs.items() if key not in ("revision", "subfolder")}
         if not isinstance(base_kwargs.get("config"), ValueHeadConfig):  # the auto classes pass the saved config
             base_kwargs = {**_saved_head_settings(adapter_dir, cls.config_class), **base_kwargs}
-        base_hub_kwargs = {key: base_kwargs[key] for key in HUB_KWARGS if key in base_kwargs}
-        loaded = cls._from_checkpoint(base, model_args, base_kwargs, base_hub_kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        loaded = cls._from_checkpoint(base, model_args, base_kwargs, hub_kwargs_of(base_kwargs))
+        model = _model_of(loaded)
         model.pretrained_model = load_adapter(model.pretrained_model, adapter_id, "default", is_trainable, hub_kwargs)
         model._load_adapter_value_head(adapter_id, hub_kwargs)
         return loaded
@@ -589,6 +588,12 @@ class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper, GenerationMixin
             **kwargs,
         )
         return self._forward_with_value(inputs, return_past_key_values, return_logits)
+
+
+def _model_of(loaded):
+    """The model that `from_pretrained` returned: alone, or first in `(model, loading_info)` with
+    `output_loading_info=True`."""
+    return loaded[0] if isinstance(loaded, tuple) else loaded
 
 
 def _check_head_shape(head: CheckpointHead, text_config) -> None:

@@ -17,31 +17,25 @@ from peft import PeftModel
 from torch import nn
 from transformers.utils import logging
 
-from .adapters import check_adapter_fits, load_adapter, read_tensor_shapes, require_adapter
+from .adapters import check_adapter_fits, load_adapter, require_adapter
 from .capture import final_hidden_state
 from .configuration import resolve_hidden_size
 from .errors import AdapterMismatchError, EmptySequenceError, MissingScoreHeadError, RewardAdapterError
 from .heads import ScoreHead
-from .loading import HUB_KWARGS, load_pickle_state_dict, resolve_file
+from .loading import hub_kwargs_of, read_tensor_shapes, read_tensors, resolve_file
 
 logger = logging.get_logger(__name__)
 
 SCORE_MODULE = "score"  # TRL's `supported_rm_modules`; also transformers' `*ForSequenceClassification` head
 
 
-def _score_tensors(weights_file: str) -> dict[str, torch.Tensor]:
-    """The `score` head's tensors in an adapter's weights file, keyed `weight` / `bias`."""
-    if weights_file.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(weights_file, framework="pt") as file:
-            keys = list(file.keys())
-            found = {key.rsplit(".", 1)[-1]: file.get_tensor(key) for key in keys if SCORE_MODULE in key.split(".")}
-    else:
-        state_dict = load_pickle_state_dict(weights_file)
-        keys = list(state_dict)
-        found = {key.rsplit(".", 1)[-1]: tensor for key, tensor in state_dict.items() if SCORE_MODULE in key.split(".")}
+def _score_tensors(weights_file: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The `score` head's tensors in an adapter's weights file (whose tensor `shapes` are given), keyed `weight` /
+    `bias`."""
+    tensors = read_tensors(weights_file, lambda name: SCORE_MODULE in name.split("."))
+    found = {name.rsplit(".", 1)[-1]: tensor for name, tensor in tensors.items()}
     if "weight" not in found:
+        keys = list(shapes)
         shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} keys)" if len(keys) > 6 else "")
         raise MissingScoreHeadError(
             f"{weights_file} holds no `{SCORE_MODULE}` head (no key with a `{SCORE_MODULE}` module; found: {shown}). "
@@ -88,14 +82,15 @@ def load_reward_adapter(
         )
     adapter_model_id = str(adapter_model_id)
     _, weights_file = require_adapter(adapter_model_id, hub_kwargs)
-    tensors = _score_tensors(weights_file)
+    shapes = read_tensor_shapes(weights_file)
+    tensors = _score_tensors(weights_file, shapes)
     weight = tensors["weight"]
     if weight.shape[-1] != hidden_size:
         raise AdapterMismatchError(
             f"The score head in {weights_file} reads hidden states of width {weight.shape[-1]}, but this model's are "
             f"{hidden_size} wide: the reward adapter was trained for another base model."
         )
-    check_adapter_fits(model, weights_file, read_tensor_shapes(weights_file))
+    check_adapter_fits(model, weights_file, shapes)
     mean, std = _normalization(adapter_model_id, hub_kwargs)
     device = model.get_input_embeddings().weight.device
     head = ScoreHead(weight.to(device), tensors.get("bias"), mean=mean, std=std)  # bias from the score keys only
@@ -145,7 +140,7 @@ class RewardScoring:
         return load_reward_adapter(pretrained_model, adapter_model_id, adapter_name, hidden_size, hub_kwargs)
 
     def _attach_reward_adapter(self, adapter_model_id, adapter_name: str, kwargs: dict) -> None:
-        hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+        hub_kwargs = hub_kwargs_of(kwargs)
         hub_kwargs.pop("subfolder", None)  # the subfolder names where the policy is, not the reward adapter
         head = load_reward_adapter(
             self.pretrained_model, adapter_model_id, adapter_name, self.v_head.summary.in_features, hub_kwargs
