@@ -230,9 +230,12 @@ class RewardScoring:
             score_mask = kwargs.get("decoder_attention_mask")
         else:
             score_mask = attention_mask
+            # only a padded batch needs them: without padding they equal the model's own (and per-row ids would
+            # cost per-row rotary tables)
             if (
                 attention_mask is not None
                 and "position_ids" not in kwargs
+                and not attention_mask.bool().all()
                 and _takes_position_ids(self.pretrained_model)
             ):
                 inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
