@@ -68,9 +68,14 @@ SEQ2SEQ_FAMILIES = {
 SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 
-def tiny_config(family: str) -> transformers.PreTrainedConfig:
-    """The tiny config of `family`, with dropout off so train and eval forwards agree."""
+_LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers")
+
+
+def tiny_config(family: str, num_layers: int = 2) -> transformers.PreTrainedConfig:
+    """The tiny config of `family` (with `num_layers` layers in each stack), with dropout off so train and eval
+    forwards agree."""
     class_name, kwargs = {**CAUSAL_FAMILIES, **SEQ2SEQ_FAMILIES}[family]
+    kwargs = {**kwargs, **{key: num_layers for key in _LAYER_COUNTS if key in kwargs}}
     config = getattr(transformers, class_name)(vocab_size=VOCAB_SIZE, **SPECIAL_TOKENS, **kwargs)
     for name in (
         "dropout",

@@ -32,10 +32,10 @@ def value_head_class(family: str):
     return AutoModelForSeq2SeqLMWithValueHead if is_seq2seq(family) else AutoModelForCausalLMWithValueHead
 
 
-def build_bare(family: str, seed: int = 0):
+def build_bare(family: str, seed: int = 0, num_layers: int = 2):
     """A plain tiny model of `family` with seeded random weights, in eval mode."""
     torch.manual_seed(seed)
-    return bare_class(family).from_config(tiny_config(family)).eval()
+    return bare_class(family).from_config(tiny_config(family, num_layers)).eval()
 
 
 def model_inputs(family: str, batch: int = 2, length: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from .modeling import (
     Seq2SeqLMOutputWithValue,
 )
 from .pipelines import ValueScoringPipeline
+from .reference import PolicyAndReferenceOutput, SharedTrunk, create_reference_model
 
 __version__ = "0.1.0"
 
@@ -26,12 +27,15 @@ __all__ = [
     "CausalLMOutputWithValue",
     "CausalLMWithValueHeadConfig",
     "HeadSource",
+    "PolicyAndReferenceOutput",
     "PreTrainedModelWrapper",
     "Seq2SeqLMOutputWithValue",
     "Seq2SeqLMWithValueHeadConfig",
+    "SharedTrunk",
     "ValueHead",
     "ValueHeadConfig",
     "ValueScoringPipeline",
+    "create_reference_model",
     "register",
 ]
 

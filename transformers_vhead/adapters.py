@@ -361,22 +361,6 @@ class AdapterMethods:
         with self._inference_state(switch=True, adapter_name=self.ref_adapter_name):
             yield
 
-    def compute_reference_logprobs(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
-    ) -> torch.FloatTensor:
-        """The reference's log-probabilities of the given tokens (see [`as_reference`]).
-
-        Returns:
-            fp32 `(batch, seq - 1)`: entry `t` is log p(token `t + 1` | tokens up to `t`) (for a seq2seq model, of the
-            `decoder_input_ids`).
-        """
-        with self.as_reference():
-            logits = self(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits.float()
-        tokens = kwargs["decoder_input_ids"] if self.config.is_encoder_decoder else input_ids
-        targets = tokens[:, 1:].unsqueeze(-1).to(logits.device)
-        logits = logits[:, :-1]
-        return (logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)).float()
-
     def copy_adapter_as_reference(self, adapter_name: str = "ref") -> None:
         """Keeps the policy's current adapter, as it is now, as a frozen reference adapter `adapter_name`, which
         [`as_reference`] then uses instead of the base model. Call it when the policy starts from an already-trained

@@ -69,3 +69,12 @@ class EmptySequenceError(TransformersVheadError, ValueError):
 
 class NotAValueHeadModelError(TransformersVheadError, ValueError):
     """A value-head pipeline was given a plain language model (or anything else without a value head)."""
+
+
+class ReferenceModelError(TransformersVheadError, ValueError):
+    """A reference model cannot be made or used as asked: `num_shared_layers` out of range, a `pattern` that matches
+    nothing, DeepSpeed ZeRO-3, or shared layers the policy still trains."""
+
+
+class LayerStackNotFoundError(ReferenceModelError):
+    """The model has no recognisable stack of decoder layers to share."""

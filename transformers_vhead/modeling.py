@@ -53,6 +53,7 @@ from .loading import (
     hub_kwargs_of,
     read_value_head,
 )
+from .reference import ReferenceMethods
 from .reward import RewardScoring
 from .saving import staged_save
 
@@ -126,7 +127,7 @@ class Seq2SeqLMOutputWithValueAndPast(Seq2SeqLMOutputWithValue):
     _trl_fields: ClassVar[tuple[str, ...]] = ("logits", "loss", "value", "past_key_values")
 
 
-class PreTrainedModelWrapper(AdapterMethods, RewardScoring, PreTrainedModel):
+class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, PreTrainedModel):
     """The common base of the value-head models: a wrapped transformers LM (`pretrained_model`) and a `v_head`.
 
     Subclasses set `config_class`, `transformers_parent_class` (the auto class that builds the wrapped model) and their
