@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import torch
+
 README = Path(__file__).parent.parent / "README.md"
 
 
@@ -32,3 +34,18 @@ def test_multi_adapter_example_runs(llama_dir, reward_adapter_dir, tmp_path, mon
     assert model.is_peft_model and model.v_head_source.file.endswith("value_head.safetensors")
     assert namespace["rewards"].shape == (2,) and namespace["reference_logprobs"].shape == (2, 4)
     assert namespace["values"].shape == (2, 5) and namespace["reference_logits"].shape == (2, 5, 96)
+
+
+def test_reference_example_runs(llama_dir):
+    section = README.read_text().split("## Reference models that share layers", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+    namespace: dict = {}
+    exec(compile(code.replace("path/or/hub-id", str(llama_dir)), "README.md", "exec"), namespace)
+
+    output, ref_model = namespace["output"], namespace["ref_model"]
+    assert namespace["kl"].shape == (1, 4)
+    with torch.no_grad():
+        expected = ref_model(namespace["input_ids"], attention_mask=namespace["attention_mask"]).logits
+    torch.testing.assert_close(output.ref_logits, expected, rtol=0, atol=1e-5)
+    assert ref_model.shared_trunk.num_shared_layers == 1

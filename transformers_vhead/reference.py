@@ -294,7 +294,7 @@ def _drops_out(module: nn.Module) -> bool:
     return any("drop" in name and isinstance(rate, float) and rate > 0 for name, rate in vars(module).items())
 
 
-def one_pass_problem(model: nn.Module, reference: nn.Module) -> str | None:
+def _one_pass_problem(model: nn.Module, reference: nn.Module) -> str | None:
     """Why the shared layers cannot be computed once for `model` and `reference` (None if they can).
 
     Raises:
@@ -436,7 +436,7 @@ class ReferenceMethods:
         """
         kwargs.pop("return_dict", None)
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-        problem = one_pass_problem(self, ref_model)
+        problem = _one_pass_problem(self, ref_model)
         if problem is not None:
             logger.warning_once(f"forward_with_reference runs the reference's full forward: {problem}.")
         trunk = None if problem is not None else ref_model.shared_trunk
