@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -187,6 +188,45 @@ def test_active_dropout_in_the_shared_layers_falls_back_to_the_full_reference(ca
     assert messages == []
     with torch.no_grad():
         torch.testing.assert_close(output.ref_logits, reference(**inputs, use_cache=False).logits, rtol=0, atol=1e-5)
+
+
+def test_one_pass_uses_no_cache_whatever_it_is_asked():
+    policy = policy_of("llama")
+    reference = create_reference_model(policy, num_shared_layers=2)
+    inputs = model_inputs("llama")
+    output = policy.forward_with_reference(reference, **inputs, use_cache=True, return_dict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(output.ref_logits, reference(**inputs).logits, rtol=0, atol=1e-5)
+    cache = policy(**inputs, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="takes no past_key_values"):
+        policy.forward_with_reference(reference, **inputs, past_key_values=cache)
+
+
+def test_another_thread_using_the_reference_meanwhile_runs_its_shared_layers():
+    policy = policy_of("llama")
+    reference = create_reference_model(policy, num_shared_layers=2)
+    inputs, other_inputs = model_inputs("llama"), model_inputs("llama", seed=1)
+    with torch.no_grad():
+        expected, expected_other = (reference(**batch, use_cache=False).logits for batch in (inputs, other_inputs))
+    caller, results = threading.get_ident(), {}
+
+    def other_thread():
+        with torch.no_grad():
+            results["other"] = reference(**other_inputs, use_cache=False).logits
+
+    def run_other_thread_now(module, args):  # while the caller's one pass has the shared layers replaying
+        if threading.get_ident() == caller and "other" not in results:
+            thread = threading.Thread(target=other_thread)
+            thread.start()
+            thread.join()
+
+    upper_layer = reference.get_submodule(reference.shared_trunk.layers)[2]
+    handle = upper_layer.register_forward_pre_hook(run_other_thread_now)
+    output = policy.forward_with_reference(reference, **inputs)
+    handle.remove()
+
+    torch.testing.assert_close(results["other"], expected_other, rtol=0, atol=0)
+    torch.testing.assert_close(output.ref_logits, expected, rtol=0, atol=1e-5)
 
 
 def test_shared_layers_trained_again_are_refused():

@@ -434,8 +434,10 @@ class ReferenceMethods:
         kl = output.logprobs - output.ref_logprobs
         ```
         """
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError("forward_with_reference scores whole sequences and takes no past_key_values.")
         kwargs.pop("return_dict", None)
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        inputs = {**kwargs, "input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         problem = _one_pass_problem(self, ref_model)
         if problem is not None:
             logger.warning_once(f"forward_with_reference runs the reference's full forward: {problem}.")
