@@ -132,6 +132,21 @@ def test_after_training_the_policy_the_reference_is_unchanged_and_one_pass_still
 
 
 @pytest.mark.parametrize("family", ["llama", "t5"])
+def test_one_pass_under_gradient_checkpointing_in_train_mode(family):
+    policy = policy_of(family)
+    reference = create_reference_model(policy, num_shared_layers=2)
+    policy.activation_checkpointing_enable()
+    policy.train()  # dropout rates are 0 in the test models, so the shared layers stay deterministic
+    inputs = model_inputs(family)
+    output = policy.forward_with_reference(reference, **inputs)
+    output.value.sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(output.ref_logits, reference(**inputs, use_cache=False).logits, rtol=0, atol=1e-5)
+    top_layer = policy.get_submodule(reference.shared_trunk.layers)[NUM_LAYERS - 1]
+    assert all(parameter.grad is not None for parameter in top_layer.parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
 @pytest.mark.parametrize("num_shared_layers", [0, NUM_LAYERS - 1])
 def test_one_pass_at_the_ends_of_the_range(family, num_shared_layers):
     policy = policy_of(family)

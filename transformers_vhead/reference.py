@@ -247,7 +247,10 @@ def _one_token(model: nn.Module) -> dict[str, torch.Tensor]:
     device = weight.device if weight is not None else next(model.parameters()).device
     token = torch.zeros((1, 1), dtype=torch.long, device=device)
     inputs = {"input_ids": token}
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    config = getattr(model, "config", None)
+    if config is not None:  # a transformers model: say the token is attended (id 0 is often the pad token)
+        inputs["attention_mask"] = torch.ones_like(token)
+    if getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = token
     return inputs
 
