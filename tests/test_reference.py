@@ -345,6 +345,22 @@ def test_a_pattern_shares_by_trls_rule(trl_ppo):
     assert "pretrained_model.model.decoder.final_layer_norm.weight" in frozen(theirs) - frozen(traced)
 
 
+def test_a_pattern_that_leaves_part_of_the_trunk_unshared_says_one_pass_is_off(caplog):
+    # TRL's rule on BART leaves the decoder's layernorm_embedding (registered after the layers, run before) unshared.
+    policy = policy_of("bart")
+    reference, messages = warnings_of(
+        caplog, lambda: create_reference_model(policy, num_shared_layers=2, pattern="model.decoder.layers.{layer}")
+    )
+    assert any("layernorm_embedding" in message and "full forward" in message for message in messages)
+    assert not hasattr(reference, "shared_trunk")
+    inputs = model_inputs("bart")
+    output, messages = warnings_of(caplog, lambda: policy.forward_with_reference(reference, **inputs))
+    with torch.no_grad():
+        torch.testing.assert_close(output.ref_logits, reference(**inputs, use_cache=False).logits, rtol=0, atol=0)
+    with_pattern = create_reference_model(policy_of("llama"), num_shared_layers=2, pattern="model.layers.{layer}")
+    assert with_pattern.shared_trunk.num_shared_layers == 2  # where the rules agree, one pass is on
+
+
 # Bad input.
 
 

@@ -135,6 +135,14 @@ def create_reference_model(
         buffers = [buffer for name in trunk.modules for buffer in model.get_submodule(name).buffers(recurse=False)]
     else:
         shared, buffers = _shared_by_pattern(model, pattern, num_shared_layers), []
+        left_out = _left_out_by_pattern(model, trunk, shared)
+        if left_out:
+            logger.warning(
+                f"pattern {pattern!r} shares by TRL's rule (what is registered before layer {num_shared_layers}), "
+                f"which leaves {left_out} unshared although it runs before that layer, so forward_with_reference "
+                "will run this reference's full forward. Leave `pattern` out to share what runs before the layer."
+            )
+            trunk = None
 
     # The copy gets new Parameter objects around the model's own tensors for the shared part, so it allocates only
     # the rest; and converting or moving one model (`.to()`) leaves the other as it is.
@@ -268,6 +276,14 @@ def _shared_by_pattern(model: nn.Module, pattern: str, num_shared_layers: int) -
             "layers are then found by themselves."
         )
     return [parameter for _, parameter in named[:first]]
+
+
+def _left_out_by_pattern(model: nn.Module, trunk: SharedTrunk | None, shared: list[nn.Parameter]) -> str | None:
+    """The first parameter that runs before the branch but that a `pattern` did not share (None if there is none)."""
+    if trunk is None:
+        return None
+    shared_ids = {id(parameter) for parameter in shared}
+    return next((name for name in trunk.parameters if id(model.get_parameter(name)) not in shared_ids), None)
 
 
 def next_token_logprobs(logits: torch.Tensor, tokens: torch.LongTensor) -> torch.FloatTensor:
