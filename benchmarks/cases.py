@@ -13,9 +13,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from transformers_vhead import AutoModelForCausalLMWithValueHead
+from transformers_vhead import AutoModelForCausalLMWithValueHead, create_reference_model
 
-from .rows import BARE, BF16_NO_UPCAST, OURS, TRL
+from .rows import BARE, BF16_NO_UPCAST, OURS, POLICY_AND_REFERENCE, REFERENCE_MEMORY, TRL
 from .workload import Workload
 
 REWARD_ADAPTER = "reward-adapter"  # the reward row's adapter, saved next to the checkpoints of the load row
@@ -28,6 +28,15 @@ def trl_value_head_class() -> type:
     from trl.experimental.ppo import AutoModelForCausalLMWithValueHead as TRLModel
 
     return TRLModel
+
+
+def trl_create_reference_model() -> Callable[..., torch.nn.Module]:
+    """TRL 1.12's `create_reference_model`: a deep copy of the whole model whose shared parameters then get the
+    model's tensors as `.data`."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.utils import create_reference_model as trl_create
+
+    return trl_create
 
 
 def bare_model(workload: Workload, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
@@ -105,6 +114,59 @@ def reward_scoring(implementation: str, batch: dict[str, torch.Tensor], checkpoi
     return lambda: model.compute_reward_score(**batch)[:, -1]
 
 
+def reference_maker(implementation: str, workload: Workload) -> tuple[torch.nn.Module, Callable[[], torch.nn.Module]]:
+    """A value-head policy (TRL's for TRL) and the call that makes its reference: a full copy for bare, the lower half
+    of the layers shared for ours and TRL."""
+    policy = with_value_head(OURS if implementation == BARE else implementation, bare_model(workload))
+    if implementation == BARE:
+        return policy, lambda: create_reference_model(policy)
+    create = create_reference_model if implementation == OURS else trl_create_reference_model()
+    return policy, lambda: create(policy, num_shared_layers=workload.shared_layers)
+
+
+def storages(model: torch.nn.Module) -> dict[int, int]:
+    """The distinct storages behind a model's parameters and buffers: address -> bytes."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in tensors}
+
+
+def kept_bytes(reference: torch.nn.Module, policy: torch.nn.Module) -> int:
+    """What the reference keeps beyond the policy: its storages that are not the policy's."""
+    own = storages(policy)
+    return sum(size for address, size in storages(reference).items() if address not in own)
+
+
+def unshared_bytes(policy: torch.nn.Module, num_shared_layers: int) -> int:
+    """The bytes of the policy's parameters that a reference sharing `num_shared_layers` layers cannot share: all but
+    the embeddings and the lower layers (so layers k and up, the final norm, the LM head and the value head)."""
+    language_model = policy.pretrained_model
+    shared = [language_model.get_input_embeddings(), *language_model.model.layers[:num_shared_layers]]
+    excluded = {id(parameter) for module in shared for parameter in module.parameters()}
+    return sum(parameter.nbytes for parameter in policy.parameters() if id(parameter) not in excluded)
+
+
+def sizes(row: str, implementation: str, workload: Workload) -> dict[str, int]:
+    """What a cell reports besides time and peak: for the reference memory row, the bytes its reference keeps beyond
+    the policy and the policy's unshared part (the target's measure)."""
+    if row != REFERENCE_MEMORY:
+        return {}
+    policy, make_reference = reference_maker(implementation, workload)
+    return {
+        "kept_bytes": kept_bytes(make_reference(), policy),
+        "unshared_bytes": unshared_bytes(policy, workload.shared_layers),
+    }
+
+
+def policy_and_reference(implementation: str, workload: Workload, batch: dict) -> Callable[[], object]:
+    """Ours: the one-pass forward_with_reference; bare and TRL: the policy's forward, then the reference's, as TRL's
+    PPO ran them. Bare's policy and reference are ours (its reference shares the layers, but runs them again)."""
+    policy, make_reference = reference_maker(OURS if implementation == BARE else implementation, workload)
+    reference = make_reference()
+    if implementation == OURS:
+        return lambda: policy.forward_with_reference(reference, **batch)
+    return lambda: (policy(**batch, use_cache=False), reference(**batch, use_cache=False))
+
+
 def build(row: str, implementation: str, workload: Workload, checkpoints: str) -> Callable[[], object]:
     """The call to time for one cell of the table."""
     batch = inputs(workload)
@@ -116,6 +178,10 @@ def build(row: str, implementation: str, workload: Workload, checkpoints: str) -
         return lambda: AutoModelForCausalLM.from_pretrained(os.path.join(checkpoints, implementation))
     if row == "reward score":
         return reward_scoring(implementation, batch, checkpoints)
+    if row == REFERENCE_MEMORY:
+        return reference_maker(implementation, workload)[1]
+    if row == POLICY_AND_REFERENCE:
+        return policy_and_reference(implementation, workload, batch)
 
     dtype = torch.bfloat16 if row.startswith("bf16") else torch.float32
     head_settings = {"upcast_logits": False} if row == BF16_NO_UPCAST and implementation == OURS else {}

@@ -1,5 +1,6 @@
 """One case in a fresh process: `python -m benchmarks.measure ROW IMPLEMENTATION ...` writes its timings and peak
-memory as JSON. A fresh process per case means no allocator state, cache or lazy import carried over from another.
+memory as JSON (and what else its row reports: `cases.sizes`). A fresh process per case means no allocator state,
+cache or lazy import carried over from another.
 
 Peak memory is the high-water mark of the bytes held by tensors the call allocated (net of what it freed), counted
 from the allocation events PyTorch's CPU allocator reports to the profiler. That is exact and repeatable; the process
@@ -74,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         seconds = timings(call, workload.warmup, workload.repeats)
         peak = peak_tensor_bytes(call)
-    result = {"row": args.row, "implementation": args.implementation, "seconds": seconds, "peak_bytes": peak}
+    result = {
+        "row": args.row,
+        "implementation": args.implementation,
+        "seconds": seconds,
+        "peak_bytes": peak,
+        "sizes": cases.sizes(args.row, args.implementation, workload),
+    }
     with open(args.output, "w") as out:
         json.dump(result, out)
     return 0

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from .rows import BARE, OURS, ROWS, TRL
+from .rows import BARE, OURS, POLICY_AND_REFERENCE, REFERENCE_MEMORY, ROWS, ROWS_BY_NAME, TRL, Target
+from .workload import Workload
 
 MIB = 2**20
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One implementation's result on one row: the seconds of each round's process, and the peak tensor memory."""
+    """One implementation's result on one row: the seconds of each round's process, and the peak tensor memory (and
+    on the reference memory row, the bytes the reference keeps beyond the policy and the policy's unshared part)."""
 
     rounds: list[list[float]]
     peak_bytes: int
+    kept_bytes: int | None = None
+    unshared_bytes: int | None = None
 
     @property
     def median(self) -> float:
@@ -47,17 +51,24 @@ def ratio_to_bare(cells: dict[str, Cell], implementation: str, kind: str) -> flo
     return cell.time_ratio(bare) if kind == "time" else ratio(cell.peak_bytes, bare.peak_bytes)
 
 
+def kept_ratio(cell: Cell) -> float | None:
+    """The bytes the reference keeps beyond the policy over the policy's unshared part."""
+    return ratio(cell.kept_bytes, cell.unshared_bytes) if cell.unshared_bytes is not None else None
+
+
 def checks(results: Results) -> list[tuple[str, str, float | None, float]]:
-    """`(row, "time" | "memory", our ratio to bare, target)` for every target of a measured row."""
+    """`(row, "time" | "memory" | "kept", our ratio, target)` for every target of a measured row: time and memory are
+    ratios to bare, kept a ratio to the unshared part ([`kept_ratio`])."""
     found = []
     for row in ROWS:
         cells = results.get(row.name, {})
         if OURS not in cells:
             continue
-        for kind in ("time", "memory"):
+        for kind in (field.name for field in fields(Target)):
             target = getattr(row.target, kind)
             if target is not None:
-                found.append((row.name, kind, ratio_to_bare(cells, OURS, kind), target))
+                value = kept_ratio(cells[OURS]) if kind == "kept" else ratio_to_bare(cells, OURS, kind)
+                found.append((row.name, kind, value, target))
     return found
 
 
@@ -108,6 +119,30 @@ def table(results: Results, trl_label: str | None) -> str:
                 value = getattr(cells[implementation], attribute)
                 line += [show(value), _verdict(ratio_to_bare(cells, implementation, kind), target)]
         lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines)
+
+
+def reference_notes(results: Results, workloads: dict[str, Workload], trl_label: str | None) -> str:
+    """The reference rows' numbers that are not ratios to bare: what each reference keeps beyond the policy, ours
+    against the target, and the layer-count ideal next to our measured time ratio."""
+    lines = []
+    cells = results.get(REFERENCE_MEMORY)
+    if cells:
+        kept = []
+        for implementation, name in [(BARE, "bare (full copy)"), *_compared(trl_label)]:
+            if implementation in cells:
+                kept.append(f"{name} {_mebibytes(cells[implementation].kept_bytes)}")
+        ours, target = cells[OURS], ROWS_BY_NAME[REFERENCE_MEMORY].target.kept
+        lines.append(
+            f"- {REFERENCE_MEMORY}, kept beyond the policy: {', '.join(kept)}; transformers-vhead over the unshared "
+            f"part ({_mebibytes(ours.unshared_bytes)}): {_verdict(kept_ratio(ours), target)}"
+        )
+    cells = results.get(POLICY_AND_REFERENCE)
+    if cells:
+        measured, ideal = ratio_to_bare(cells, OURS, "time"), workloads[POLICY_AND_REFERENCE].one_pass_ideal()
+        lines.append(
+            f"- {POLICY_AND_REFERENCE}: transformers-vhead {measured:.2f}x bare, the layer-count ideal {ideal:.2f}x"
+        )
     return "\n".join(lines)
 
 

@@ -6,6 +6,9 @@
 Each round runs every (row, implementation) once, rows one after another and the implementations of a row back to back
 in a rotating order. Times are medians over all rounds; a time ratio is the median over rounds of that round's ratio
 (see `Cell.time_ratio`). This process never imports torch: it only starts the cases and reports.
+
+A row may have sizes of its own (`Row.workload`: the reference rows' model, whose layers outweigh its LM head); a size
+flag given applies to every row, so `--hidden-size 16 ...` shrinks those rows too.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from .report import Cell, Results, checks, spread, summary, table
+from .report import Cell, Results, checks, reference_notes, spread, summary, table
 from .rows import ROWS, ROWS_BY_NAME, TRL
 from .workload import Workload
 
@@ -78,7 +81,9 @@ def run_case(arguments: list[str], workload: Workload, checkpoints: str) -> dict
     return json.loads(text) if text else None
 
 
-def measure_all(rows: list[str], workload: Workload, rounds: int, with_trl: bool, checkpoints: str) -> Results:
+def measure_all(workloads: dict[str, Workload], rounds: int, with_trl: bool, checkpoints: str) -> Results:
+    """Every row of `workloads` (row name -> its workload), each implementation of it, `rounds` times."""
+    rows = list(workloads)
     cases = [
         (row, implementation)
         for row in rows
@@ -87,20 +92,23 @@ def measure_all(rows: list[str], workload: Workload, rounds: int, with_trl: bool
     ]
     seconds: dict[tuple[str, str], list[list[float]]] = {case: [] for case in cases}
     peaks: dict[tuple[str, str], int] = {}
+    sizes: dict[tuple[str, str], dict[str, int]] = {}  # what a row reports besides time and peak (cases.sizes)
     total, done = rounds * len(cases), 0
     for round_index in range(rounds):
         for row in rows:
             implementations = [case[1] for case in cases if case[0] == row]
             shift = round_index % len(implementations)
             for implementation in implementations[shift:] + implementations[:shift]:
-                result = run_case([row, implementation], workload, checkpoints)
+                result = run_case([row, implementation], workloads[row], checkpoints)
                 seconds[row, implementation].append(result["seconds"])
                 peaks[row, implementation] = max(peaks.get((row, implementation), 0), result["peak_bytes"])
+                sizes[row, implementation] = result["sizes"]
                 done += 1
                 print(f"[{done}/{total}] {row} / {implementation}", file=sys.stderr, flush=True)
     results: Results = {}
     for row, implementation in cases:
-        results.setdefault(row, {})[implementation] = Cell(seconds[row, implementation], peaks[row, implementation])
+        cell = Cell(seconds[row, implementation], peaks[row, implementation], **sizes[row, implementation])
+        results.setdefault(row, {})[implementation] = cell
     return results
 
 
@@ -120,21 +128,31 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in rows if name not in ROWS_BY_NAME]
     if unknown:
         parser.error(f"unknown row(s) {unknown}; the rows are: {', '.join(ROWS_BY_NAME)}")
+    workloads = {name: Workload.from_arguments(args, ROWS_BY_NAME[name].workload) for name in rows}
     trl = None if args.without_trl else trl_version()
 
     with tempfile.TemporaryDirectory(prefix="transformers-vhead-bench-") as checkpoints:
         if any(ROWS_BY_NAME[name].checkpoints for name in rows):
             run_case(["prepare"], workload, checkpoints)
-        results = measure_all(rows, workload, args.rounds, trl is not None, checkpoints)
+        results = measure_all(workloads, args.rounds, trl is not None, checkpoints)
 
     facts = machine()
     print(f"transformers-vhead benchmarks, {facts['date']}")
     print(f"machine: {facts['cpu']}; Python {facts['python']}; {facts['packages']}")
-    print(f"workload: {workload.describe()}; {args.rounds} round(s) of fresh processes")
+    rows_of: dict[Workload, list[str]] = {}
+    for name, row_workload in workloads.items():
+        rows_of.setdefault(row_workload, []).append(name)
+    for row_workload, names in rows_of.items():
+        scope = "" if row_workload == workload else f" of {', '.join(names)}"  # rows with sizes of their own
+        print(f"workload{scope}: {row_workload.describe()}; {args.rounds} round(s) of fresh processes")
     print()
     trl_label = f"TRL {trl}" if trl else None
     print(table(results, trl_label))
     print()
+    notes = reference_notes(results, workloads, trl_label)
+    if notes:
+        print(notes)
+        print()
     for row in ROWS:
         if row.name in results:
             print(f"- {row.name}: {row.what}")
@@ -148,11 +166,18 @@ def main(argv: list[str] | None = None) -> int:
         document = {
             "machine": facts,
             "workload": json.loads(workload.to_json()),
+            "row_workloads": {name: json.loads(own.to_json()) for name, own in workloads.items() if own != workload},
             "rounds": args.rounds,
             "trl": trl,
             "results": {
                 row: {
-                    name: {"seconds": cell.rounds, "median": cell.median, "peak_bytes": cell.peak_bytes}
+                    name: {
+                        "seconds": cell.rounds,
+                        "median": cell.median,
+                        "peak_bytes": cell.peak_bytes,
+                        "kept_bytes": cell.kept_bytes,
+                        "unshared_bytes": cell.unshared_bytes,
+                    }
                     for name, cell in cells.items()
                 }
                 for row, cells in results.items()

@@ -3,9 +3,11 @@ target verdicts it prints. No timing assertions: speed is measured in `benchmark
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks import cases
-from benchmarks.report import Cell, checks, spread, summary, table
-from benchmarks.rows import BARE, OURS, ROWS, TRL
+from benchmarks.report import Cell, checks, reference_notes, spread, summary, table
+from benchmarks.rows import BARE, LAYERS_DOMINATE, OURS, POLICY_AND_REFERENCE, REFERENCE_MEMORY, ROWS, TRL, Target
 from benchmarks.run import main, trl_version
 from benchmarks.workload import Workload
 
@@ -32,6 +34,7 @@ TINY = {
     "repeats": 2,
     "rounds": 1,
 }
+TINY_WORKLOAD = Workload(**{name.replace("-", "_"): value for name, value in TINY.items() if name != "rounds"})
 
 
 def test_runner_measures_every_row_in_fresh_processes(tmp_path):
@@ -49,6 +52,7 @@ def test_runner_measures_every_row_in_fresh_processes(tmp_path):
     document = json.loads(results_file.read_text())
     assert document["trl"] == trl_version()  # the TRL column is there exactly when TRL 1.12 is installed
     assert document["workload"]["hidden_size"] == 16
+    assert document["row_workloads"] == {}  # the flags given shrink the rows with sizes of their own too
     for row in ROWS:
         expected = {name for name in row.implementations if name != TRL or document["trl"]}
         cells = document["results"][row.name]
@@ -59,8 +63,13 @@ def test_runner_measures_every_row_in_fresh_processes(tmp_path):
             assert cell["peak_bytes"] > 0, (row.name, name)
         assert f"| {row.name} |" in process.stdout
     checked = {(check["row"], check["kind"]) for check in document["checks"]}
-    targets = {(row.name, kind) for row in ROWS for kind in ("time", "memory") if getattr(row.target, kind)}
+    kinds = [field.name for field in fields(Target)]
+    targets = {(row.name, kind) for row in ROWS for kind in kinds if getattr(row.target, kind)}
     assert checked == targets
+    memory = document["results"][REFERENCE_MEMORY]
+    assert memory[OURS]["kept_bytes"] == memory[OURS]["unshared_bytes"] < memory[BARE]["kept_bytes"]
+    assert f"- {REFERENCE_MEMORY}, kept beyond the policy: bare (full copy) " in process.stdout
+    assert f"- {POLICY_AND_REFERENCE}: transformers-vhead " in process.stdout
     assert "targets: " in process.stdout
 
 
@@ -68,7 +77,7 @@ def test_runner_measures_every_row_in_fresh_processes(tmp_path):
 def test_reward_score_cases_compute_the_same_scores(tmp_path):
     # What the reward row times is the same work for every column: the reward adapter's last-token score (bare: the
     # backbone's hidden state with the reward adapter active, scored here by the adapter's `score` weight).
-    workload = Workload(**{name.replace("-", "_"): value for name, value in TINY.items() if name != "rounds"})
+    workload = TINY_WORKLOAD
     cases.save_checkpoints(workload, str(tmp_path))
     ours = cases.build("reward score", OURS, workload, str(tmp_path))()
     assert ours.shape == (workload.batch_size,) and ours.dtype == torch.float32
@@ -83,6 +92,82 @@ def test_reward_score_cases_compute_the_same_scores(tmp_path):
     if trl_version():
         theirs = cases.build("reward score", TRL, workload, str(tmp_path))()
         torch.testing.assert_close(ours, theirs.squeeze(-1), rtol=0, atol=1e-4)
+
+
+@torch.no_grad()
+def test_policy_and_reference_cases_compute_the_same_logits(monkeypatch):
+    # The policy trains after its reference is made (here: every parameter it still trains moves), so the reference's
+    # logits are not the policy's and a one-pass forward that mixed them up would show.
+    made_by = cases.reference_maker
+
+    def trained_after(implementation, workload):
+        policy, make_reference = made_by(implementation, workload)
+
+        def make_then_train():
+            reference = make_reference()
+            for parameter in policy.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(0.05)
+            return reference
+
+        return policy, make_then_train
+
+    monkeypatch.setattr(cases, "reference_maker", trained_after)
+    policy_output, reference_output = cases.build(POLICY_AND_REFERENCE, BARE, TINY_WORKLOAD, "")()
+    ours = cases.build(POLICY_AND_REFERENCE, OURS, TINY_WORKLOAD, "")()
+    torch.testing.assert_close(ours.ref_logits, reference_output.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.logits, policy_output.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.value, policy_output.value, rtol=0, atol=1e-5)
+    assert not torch.allclose(ours.logits, ours.ref_logits, atol=1e-3)
+
+    if trl_version():
+        (trl_logits, _, _), (trl_ref_logits, _, _) = cases.build(POLICY_AND_REFERENCE, TRL, TINY_WORKLOAD, "")()
+        torch.testing.assert_close(trl_logits, ours.logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(trl_ref_logits, ours.ref_logits, rtol=0, atol=1e-5)
+
+
+def test_reference_memory_counts_the_storage_a_reference_keeps():
+    ours = cases.sizes(REFERENCE_MEMORY, OURS, TINY_WORKLOAD)
+    full_copy = cases.sizes(REFERENCE_MEMORY, BARE, TINY_WORKLOAD)
+    whole = sum(cases.storages(cases.with_value_head(OURS, cases.bare_model(TINY_WORKLOAD))).values())
+    assert ours["kept_bytes"] == ours["unshared_bytes"] < whole
+    assert full_copy["kept_bytes"] == whole
+    # The unshared part: layer 1 of 2, the final norm, the LM head and the value head (fp32).
+    h, vocab, intermediate = TINY_WORKLOAD.hidden_size, TINY_WORKLOAD.vocab_size, TINY_WORKLOAD.intermediate_size
+    layer = 4 * h * h + 3 * h * intermediate + 2 * h
+    assert ours["unshared_bytes"] == 4 * (layer + h + vocab * h + h + 1)
+    if trl_version():
+        theirs = cases.sizes(REFERENCE_MEMORY, TRL, TINY_WORKLOAD)
+        assert theirs["unshared_bytes"] <= theirs["kept_bytes"] <= 1.01 * theirs["unshared_bytes"]  # + rotary buffers
+
+
+def test_flags_given_override_a_rows_own_sizes():
+    parser = argparse.ArgumentParser()
+    Workload.add_arguments(parser)
+    args = parser.parse_args(["--hidden-size", "16"])
+    assert Workload.from_arguments(args) == Workload(hidden_size=16)
+    own = Workload.from_arguments(args, LAYERS_DOMINATE)
+    assert (own.hidden_size, own.num_hidden_layers, own.vocab_size, own.seq_len) == (16, 12, 8192, 256)
+
+
+def test_one_pass_ideal_counts_the_layers_run_once():
+    # 12 layers of 6.85 MFLOPs per token and a 8.39 MFLOPs head: (12 + 6 layers + 2 heads) / (2 x (12 layers + head)).
+    assert Workload(**LAYERS_DOMINATE).one_pass_ideal() == pytest.approx(0.7732, abs=1e-4)
+    assert Workload(**LAYERS_DOMINATE).shared_layers == 6
+
+
+def test_kept_target_compares_our_reference_with_the_unshared_part():
+    cells = {
+        implementation: Cell(rounds=[[1.0]], peak_bytes=1, kept_bytes=kept, unshared_bytes=1000)
+        for implementation, kept in ((BARE, 2000), (OURS, 1020), (TRL, 1000))
+    }
+    results = {REFERENCE_MEMORY: cells}
+    assert checks(results) == [(REFERENCE_MEMORY, "kept", 1.02, 1.01)]
+    assert summary(results) == "targets: 0 PASS, 1 MISS (reference memory kept 1.02x > 1.01x)"
+    assert reference_notes(results, {}, "TRL 1.12.0") == (
+        "- reference memory, kept beyond the policy: bare (full copy) 0.0 MiB, transformers-vhead 0.0 MiB, TRL 1.12.0 "
+        "0.0 MiB; transformers-vhead over the unshared part (0.0 MiB): 1.02x MISS (<= 1.01x)"
+    )
 
 
 def test_unknown_row_is_refused(capsys):
