@@ -8,8 +8,8 @@ import threading
 
 import pytest
 import torch
-from architectures import CAUSAL_FAMILIES, SEQ2SEQ_FAMILIES
-from conftest import build_bare, is_seq2seq, model_inputs, value_head_class
+from architectures import CAUSAL_FAMILIES, SEQ2SEQ_FAMILIES, tiny_config
+from conftest import bare_class, build_bare, is_seq2seq, model_inputs, value_head_class
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from transformers.utils import logging
 
@@ -181,6 +181,69 @@ def test_a_full_copy_shares_nothing_and_one_pass_falls_back_saying_so(caplog):
     assert any("shares no layers" in message for message in messages)
     with torch.no_grad():
         torch.testing.assert_close(output.ref_logits, reference(**inputs, use_cache=False).logits, rtol=0, atol=0)
+    # Once per reference and reason: not at every step, but again for another reference.
+    assert warnings_of(caplog, lambda: policy.forward_with_reference(reference, **inputs))[1] == []
+    another = create_reference_model(policy)
+    _, messages = warnings_of(caplog, lambda: policy.forward_with_reference(another, **inputs))
+    assert any("shares no layers" in message for message in messages)
+
+
+DROPOUT_RATES = ("dropout", "attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
+def branch_states(policy, trunk: SharedTrunk, inputs, seeds) -> list[torch.Tensor]:
+    """What leaves the policy's last shared layer in one forward per seed."""
+    states: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        states.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = policy.get_submodule(trunk.layers)[trunk.num_shared_layers - 1].register_forward_hook(keep)
+    with torch.no_grad():
+        for seed in seeds:
+            torch.manual_seed(seed)
+            policy(**inputs, use_cache=False)
+    handle.remove()
+    return states
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropout_is_seen_where_it_changes_the_shared_layers_output_and_only_in_train_mode(family, caplog):
+    # The oracle: two train-mode forwards with different seeds give different states at the branch point exactly when
+    # dropout acts before it. With the families' dropout rates on, the one pass must then fall back, saying so.
+    config = tiny_config(family, NUM_LAYERS)
+    for name in DROPOUT_RATES + ("dropout_rate", "activation_dropout"):
+        if hasattr(config, name):
+            setattr(config, name, 0.3)
+    torch.manual_seed(0)
+    policy = value_head_class(family)(bare_class(family).from_config(config)).train()
+    reference = create_reference_model(policy, num_shared_layers=2)
+    inputs = model_inputs(family)
+    first, second = branch_states(policy, reference.shared_trunk, inputs, seeds=(1, 2))
+    assert not torch.equal(first, second)
+
+    calls = upper_modules_ran(reference, reference.shared_trunk)
+    output, messages = warnings_of(caplog, lambda: policy.forward_with_reference(reference, **inputs))
+    assert any("dropout is active" in message for message in messages)
+    assert any(call.startswith("0.") for call in calls)  # the reference ran its shared layers itself
+    with torch.no_grad():
+        torch.testing.assert_close(output.ref_logits, reference(**inputs, use_cache=False).logits, rtol=0, atol=0)
+
+    policy.eval()
+    calls.clear()
+    output, messages = warnings_of(caplog, lambda: policy.forward_with_reference(reference, **inputs))
+    assert messages == [] and not any(call.startswith("0.") for call in calls)
+
+
+def test_train_mode_without_dropout_keeps_the_one_pass(caplog):
+    policy = policy_of("llama").train()  # the test models' dropout rates are 0
+    reference = create_reference_model(policy, num_shared_layers=2)
+    inputs = model_inputs("llama")
+    first, second = branch_states(policy, reference.shared_trunk, inputs, seeds=(1, 2))
+    assert torch.equal(first, second)
+    calls = upper_modules_ran(reference, reference.shared_trunk)
+    _, messages = warnings_of(caplog, lambda: policy.forward_with_reference(reference, **inputs))
+    assert messages == [] and not any(call.startswith("0.") for call in calls)
 
 
 def test_active_dropout_in_the_shared_layers_falls_back_to_the_full_reference(caplog):

@@ -429,8 +429,9 @@ class ReferenceMethods:
 
         That needs a reference from [`create_reference_model`] with `num_shared_layers`, whose shared layers are
         still this model's own frozen tensors, and no dropout in them (eval mode, or dropout rates of 0). Otherwise the
-        reference runs its full forward, and a warning says why; if the shared layers are trainable it raises, since
-        the reference would then change with training. The reference runs without gradients; the policy as called.
+        reference runs its full forward, and a warning says why (once per reference and reason); if the shared layers
+        are trainable it raises, since the reference would then change with training. The reference runs without
+        gradients; the policy as called.
 
         Args:
             ref_model: the reference model.
@@ -458,8 +459,10 @@ class ReferenceMethods:
         kwargs.pop("return_dict", None)
         inputs = {**kwargs, "input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         problem = _one_pass_problem(self, ref_model)
-        if problem is not None:
-            logger.warning_once(f"forward_with_reference runs the reference's full forward: {problem}.")
+        warned = ref_model.__dict__.setdefault("_one_pass_warnings", set())  # once per reference and reason
+        if problem is not None and problem not in warned:
+            warned.add(problem)
+            logger.warning(f"forward_with_reference runs the reference's full forward: {problem}.")
         trunk = None if problem is not None else ref_model.shared_trunk
         with getattr(ref_model, "_adapter_lock", None) or nullcontext():
             with _branch_output(self, trunk) as captured:
