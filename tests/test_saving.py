@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from architectures import VOCAB_SIZE
-from conftest import build_bare, model_inputs, populate_hub_cache, value_head_class
+from conftest import build_bare, model_inputs, policy_lora, populate_hub_cache, value_head_class
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, modeling_utils
 
@@ -340,6 +340,43 @@ def test_existing_readme_is_not_overwritten(tmp_path):
 
     assert (out / "README.md").read_bytes() == readme
     assert (out / "model.safetensors.index.json").is_file()
+
+
+def card_row(text: str, setting: str) -> str:
+    [value] = re.findall(rf"^\| {setting} \| (.*) \|$", text, re.MULTILINE)
+    return value
+
+
+def test_card_says_where_the_head_came_from_and_the_reward_normalisation(tmp_path, llama_dir):
+    fresh = transformers_vhead.AutoModelForCausalLMWithValueHead.from_pretrained(llama_dir)
+    fresh.save_pretrained(tmp_path / "critic")
+    card = ModelCard.load(tmp_path / "critic" / "README.md")
+    assert card_row(card.text, "origin") == "a fresh head (PyTorch's default nn.Linear init) when the value head was added"
+    assert "Reward normalisation" not in card.text
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "critic", score_mean=0.5, score_std=2.0)
+    loaded.save_pretrained(tmp_path / "again")
+    card = ModelCard.load(tmp_path / "again" / "README.md")
+    assert card_row(card.text, "origin") == "loaded from `model.safetensors` of `critic`"  # no local directories
+    assert str(tmp_path) not in card_row(card.text, "origin")
+    assert "returns `(score - 0.5) / 2.0`" in card.text
+
+
+def test_card_of_a_peft_policy_says_it_is_an_adapter_with_its_head(tmp_path, llama_dir):
+    model = transformers_vhead.AutoModelForCausalLMWithValueHead.from_pretrained(llama_dir, peft_config=policy_lora())
+    model.save_pretrained(tmp_path / "policy")
+    card = ModelCard.load(tmp_path / "policy" / "README.md")
+    assert "PEFT adapter (LORA, r=4)" in card.text and "`value_head.safetensors`" in card.text
+    assert {"transformers-vhead", "value-head"} <= set(card.data.tags)
+
+
+def test_an_existing_card_is_replaced_only_when_asked(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("# My critic\n")
+    wrap("llama", tmp_path).save_pretrained(out, overwrite_model_card=True)
+    card = ModelCard.load(out / "README.md")
+    assert "value-head" in card.data.tags and "My critic" not in card.text
 
 
 @pytest.mark.parametrize("family", ["llama", "t5"])

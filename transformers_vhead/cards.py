@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .configuration import ValueHeadConfig, describe_v_head_init, resolve_hidden_size
+from .loading import HeadSource
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
 
 # Wheels ship the templates inside the package; a source checkout (and an editable install) keeps them at the top.
 _TEMPLATE_DIRS = (Path(__file__).parent / "model_cards", Path(__file__).parent.parent / "model_cards")
@@ -34,17 +39,39 @@ def hub_base_model(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
-def render_model_card(config: ValueHeadConfig, name_or_path: str) -> ModelCard:
+def head_origin(source: HeadSource | None, loaded_from: str | None) -> str:
+    """Where the saved head started, for the card: the file (and model) it was loaded from, or its fresh init. Local
+    paths are cut to their last part, so a card does not publish a machine's directories."""
+    if source is None:
+        return "not recorded"
+    if not source.is_loaded:
+        return f"a fresh head ({source.init} init) when the value head was added"
+    where = hub_base_model(loaded_from) or (Path(str(loaded_from)).name if loaded_from else None)
+    file = Path(source.file).name
+    return f"loaded from `{file}` of `{where}`" if where else f"loaded from `{file}`"
+
+
+def render_model_card(
+    config: ValueHeadConfig,
+    name_or_path: str,
+    head_source: HeadSource | None = None,
+    loaded_from: str | None = None,
+    adapter: PeftConfig | None = None,
+) -> ModelCard:
     """The card of a value-head model saved at (or pushed to) `name_or_path`.
 
     Args:
         config: the model's config.
         name_or_path: where the model is saved, used in the usage snippet.
+        head_source: where the model's value head came from (`model.v_head_source`).
+        loaded_from: what the model was loaded from (`model.name_or_path`).
+        adapter: the policy adapter's config, for a PEFT policy saved as its adapter.
 
     Returns:
         A `huggingface_hub.ModelCard` whose YAML metadata declares `library_name: transformers`, the tags
         `transformers-vhead` and `value-head`, the `pipeline_tag`, and `base_model` when the wrapped model came from
-        the hub.
+        the hub. The text says what the model is, the head's settings and origin, and the reward normalisation when
+        one is set.
     """
     base_model_type = config.text_config.model_type
     card_data = ModelCardData(
@@ -66,4 +93,8 @@ def render_model_card(config: ValueHeadConfig, name_or_path: str) -> ModelCard:
         summary_dropout_prob=config.summary_dropout_prob,
         init_strategy=describe_v_head_init(config.v_head_init_strategy, config.v_head_initializer_range),
         logits_dtype="fp32 (upcast, as TRL)" if config.upcast_logits else "the wrapped model's dtype",
+        head_origin=head_origin(head_source, loaded_from),
+        normalization=None if None in (config.score_mean, config.score_std) else (config.score_mean, config.score_std),
+        adapter_type=adapter.peft_type.value if adapter is not None else None,
+        adapter_rank=getattr(adapter, "r", None),
     )

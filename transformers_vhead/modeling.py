@@ -433,11 +433,12 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
         push_to_hub: bool = False,
         max_shard_size: int | str = "50GB",
         variant: str | None = None,
+        overwrite_model_card: bool = False,
         **kwargs,
     ) -> None:
         """`PreTrainedModel.save_pretrained` (safetensors, sharding, config, generation config), plus a `README.md`
-        model card when the directory has none. Files are written to a staging folder first, so a save that fails
-        half-way leaves the checkpoint already in `save_directory` intact.
+        model card when the directory has none (or `overwrite_model_card=True`). Files are written to a staging folder
+        first, so a save that fails half-way leaves the checkpoint already in `save_directory` intact.
 
         A PEFT policy is saved as its adapter (peft's files, an ordinary adapter of the base model), the value head in
         `value_head.safetensors`, and this model's `config.json` (the head's settings). The reward adapter and a
@@ -454,8 +455,12 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
                 self._save_policy_adapter(staging)
             else:
                 super().save_pretrained(staging, **save_kwargs)
-            if not os.path.exists(os.path.join(save_directory, "README.md")):
-                render_model_card(self.config, str(save_directory)).save(staging / "README.md")
+            if overwrite_model_card or not os.path.exists(os.path.join(save_directory, "README.md")):
+                adapter = self.pretrained_model.active_peft_config if self.is_peft_model else None
+                card = render_model_card(
+                    self.config, str(save_directory), self.v_head_source, self.name_or_path, adapter
+                )
+                card.save(staging / "README.md")
         if push_to_hub:
             hub_keywords = ("commit_message", "private", "token", "revision", "create_pr")
             self.push_to_hub(
