@@ -351,7 +351,8 @@ def test_card_says_where_the_head_came_from_and_the_reward_normalisation(tmp_pat
     fresh = transformers_vhead.AutoModelForCausalLMWithValueHead.from_pretrained(llama_dir)
     fresh.save_pretrained(tmp_path / "critic")
     card = ModelCard.load(tmp_path / "critic" / "README.md")
-    assert card_row(card.text, "origin") == "a fresh head (PyTorch's default nn.Linear init) when the value head was added"
+    origin = "a fresh head (PyTorch's default nn.Linear init) when the value head was added"
+    assert card_row(card.text, "origin") == origin
     assert "Reward normalisation" not in card.text
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "critic", score_mean=0.5, score_std=2.0)
