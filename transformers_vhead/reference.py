@@ -325,6 +325,7 @@ def _one_pass_problem(model: nn.Module, reference: nn.Module) -> str | None:
             "the reference shares no layers with the policy (make it with create_reference_model(model, "
             "num_shared_layers=k))"
         )
+    trainable = []
     for name in trunk.parameters:
         try:
             own, referenced = model.get_parameter(name), reference.get_parameter(name)
@@ -332,7 +333,8 @@ def _one_pass_problem(model: nn.Module, reference: nn.Module) -> str | None:
             return f"the reference was not made from this model (the model has no parameter {name})"
         if not _same_tensor(own, referenced):
             return f"{name} is no longer one tensor of both models (was one of them moved or converted?)"
-    trainable = [name for name in trunk.parameters if model.get_parameter(name).requires_grad]
+        if own.requires_grad:
+            trainable.append(name)
     if trainable:
         raise ReferenceModelError(
             f"The policy trains {len(trainable)} parameter(s) the reference shares (e.g. {trainable[0]}), so the "
@@ -457,6 +459,7 @@ class ReferenceMethods:
         if kwargs.get("past_key_values") is not None:
             raise ValueError("forward_with_reference scores whole sequences and takes no past_key_values.")
         kwargs.pop("return_dict", None)
+        tokens = self._scored_tokens(input_ids, kwargs) if return_logprobs else None  # checked before any forward
         inputs = {**kwargs, "input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         problem = _one_pass_problem(self, ref_model)
         warned = ref_model.__dict__.setdefault("_one_pass_warnings", set())  # once per reference and reason
@@ -475,7 +478,6 @@ class ReferenceMethods:
                 ref_logits = ref_model(**ref_inputs).logits
         logprobs = {}
         if return_logprobs:
-            tokens = self._scored_tokens(input_ids, kwargs)
             logprobs = {
                 "logprobs": next_token_logprobs(output.logits, tokens),
                 "ref_logprobs": next_token_logprobs(ref_logits, tokens),
