@@ -78,3 +78,20 @@ class ReferenceModelError(TransformersVheadError, ValueError):
 
 class LayerStackNotFoundError(ReferenceModelError):
     """The model has no recognisable stack of decoder layers to share."""
+
+
+class NoModelFoundError(TransformersVheadError, FileNotFoundError):
+    """A directory (or hub snapshot) holds no model: no config, no weights, no adapter."""
+
+
+class UnrecognizedLayoutError(TransformersVheadError, OSError):
+    """A directory holds files, but in no checkpoint layout we can read (the message lists what was found)."""
+
+
+class NotInOfflineCacheError(TransformersVheadError, OSError):
+    """A hub id that is not in the local hub cache, while downloads are off (`HF_HUB_OFFLINE=1`, `local_files_only`)."""
+
+
+class ExportError(TransformersVheadError, ValueError):
+    """A model cannot be written in the asked format without losing something (e.g. a head bias a SeqCls head has no
+    place for), or the format does not fit the model (a seq2seq model as a causal LM)."""

@@ -41,13 +41,17 @@ class HeadSource:
     """The file the head was read from (a local path, or the hub cache's copy); `None` for a fresh head."""
     init: str | None = None
     """How a fresh head was initialised, e.g. `"normal(std=0.2)"`."""
+    layout: str | None = None
+    """Which writer's layout the head was read from, e.g. `"TRL"`, `"OpenRLHF"`, `"LLaMA-Factory"` (see `LAYOUTS`)."""
 
     @property
     def is_loaded(self) -> bool:
         return self.file is not None
 
     def __str__(self) -> str:
-        return f"loaded from {self.file}" if self.is_loaded else f"freshly initialised with {self.init} init"
+        if not self.is_loaded:
+            return f"freshly initialised with {self.init} init"
+        return f"loaded from {self.file} ({self.layout} layout)" if self.layout else f"loaded from {self.file}"
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from .configuration import (
 )
 from .errors import HeadShapeMismatchError, InvalidModelSourceError, MissingLMHeadError, RewardAdapterError
 from .heads import ValueHead
+from .hub import push_to_hub
 from .loading import (
     ADAPTER_HEAD_NAMES,
     HEAD_WEIGHT_KEY,
@@ -466,8 +467,13 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
             self.push_to_hub(
                 kwargs.get("repo_id", os.path.basename(os.path.abspath(save_directory))),
                 max_shard_size=max_shard_size,
+                overwrite_model_card=overwrite_model_card,
                 **{key: kwargs[key] for key in hub_keywords if key in kwargs},
             )
+
+    def push_to_hub(self, repo_id: str, *, overwrite_model_card: bool = False, **kwargs) -> Any:
+        """`PreTrainedModel.push_to_hub`, with this package's model card: see [`transformers_vhead.hub.push_to_hub`]."""
+        return push_to_hub(self, repo_id, overwrite_model_card=overwrite_model_card, **kwargs)
 
     def _save_policy_adapter(self, directory) -> None:
         peft_model = self.pretrained_model
