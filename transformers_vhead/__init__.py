@@ -7,6 +7,7 @@ Importing the package registers its config and model classes with transformers' 
 
 from .auto import register
 from .configuration import CausalLMWithValueHeadConfig, Seq2SeqLMWithValueHeadConfig, ValueHeadConfig
+from .export import EXPORT_FORMATS, ExportResult, export_model
 from .heads import ValueHead
 from .loading import HeadSource
 from .modeling import (
@@ -22,6 +23,8 @@ from .reference import PolicyAndReferenceOutput, SharedTrunk, create_reference_m
 __version__ = "0.1.0"
 
 __all__ = [
+    "EXPORT_FORMATS",
+    "ExportResult",
     "AutoModelForCausalLMWithValueHead",
     "AutoModelForSeq2SeqLMWithValueHead",
     "CausalLMOutputWithValue",
@@ -36,6 +39,7 @@ __all__ = [
     "ValueHeadConfig",
     "ValueScoringPipeline",
     "create_reference_model",
+    "export_model",
     "register",
 ]
 

@@ -26,6 +26,7 @@ HEAD_SETTINGS = (
     "upcast_logits",
     "score_mean",
     "score_std",
+    "v_head_hidden_size",
 )
 
 # Settings TRL code reads through `model.config` as if it were the wrapped model's config. Reads and writes of these
@@ -121,6 +122,9 @@ class ValueHeadConfig(PreTrainedConfig):
             `compute_sequence_scores(..., normalize=True)` returns `(score - score_mean) / score_std`.
         base_model_name_or_path (`str`, *optional*):
             Where the wrapped model was loaded from, for the model card's `base_model`.
+        v_head_hidden_size (`int`, *optional*):
+            The width of a ReLU hidden layer before the head's output layer: the MLP head of trlx checkpoints
+            (`2 * hidden_size` there), set when one is loaded. `None`, the default, is TRL's single linear layer.
     """
 
     base_model_kind: ClassVar[str] = ""
@@ -136,6 +140,7 @@ class ValueHeadConfig(PreTrainedConfig):
     score_mean: int | float | None = None
     score_std: int | float | None = None
     base_model_name_or_path: str | None = None
+    v_head_hidden_size: int | None = None
 
     def __post_init__(self, **kwargs):
         if isinstance(self.text_config, PreTrainedConfig):

@@ -1,4 +1,5 @@
-"""The value head: dropout, then an fp32 `Linear(hidden_size, 1)` with bias, in TRL's layout (`v_head.summary.*`)."""
+"""The value head: dropout, then an fp32 `Linear(hidden_size, 1)` with bias, in TRL's layout (`v_head.summary.*`);
+optionally a ReLU hidden layer before it (`v_head.hidden_layer.*`), the MLP head of trlx checkpoints."""
 
 from __future__ import annotations
 
@@ -22,20 +23,36 @@ class ValueHead(nn.Module):
         config: the wrapped model's config; the input width comes from [`resolve_hidden_size`].
         summary_dropout_prob: dropout before the linear layer. `None` reads `config.summary_dropout_prob`, else 0.1
             (TRL's default); 0 disables it.
+        hidden_size: the width of a ReLU hidden layer before the output layer (trlx's heads: twice the model's
+            hidden size); `None`, the default, is TRL's single linear layer.
     """
 
-    def __init__(self, config: PreTrainedConfig, summary_dropout_prob: float | None = None):
+    def __init__(
+        self, config: PreTrainedConfig, summary_dropout_prob: float | None = None, hidden_size: int | None = None
+    ):
         super().__init__()
         if summary_dropout_prob is None:
             summary_dropout_prob = base_summary_dropout_prob(config)
         self.dropout = nn.Dropout(summary_dropout_prob) if summary_dropout_prob else nn.Identity()
-        self.summary = nn.Linear(resolve_hidden_size(config), 1, dtype=torch.float32)
+        width = resolve_hidden_size(config)
+        if hidden_size is not None:
+            self.hidden_layer = nn.Linear(width, hidden_size, dtype=torch.float32)
+            width = hidden_size
+        self.summary = nn.Linear(width, 1, dtype=torch.float32)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Returns the values, shape `hidden_states.shape[:-1] + (1,)`, fp32."""
         output = self.dropout(hidden_states)
         with torch.autocast(device_type=output.device.type, enabled=False):
-            return self.summary(output.to(self.summary.weight.dtype))
+            output = output.to(self.summary.weight.dtype)
+            if hasattr(self, "hidden_layer"):
+                output = torch.relu(self.hidden_layer(output))
+            return self.summary(output)
+
+    @property
+    def linear_layers(self) -> tuple[nn.Linear, ...]:
+        """The head's linear layers, input first."""
+        return (self.hidden_layer, self.summary) if hasattr(self, "hidden_layer") else (self.summary,)
 
     @torch.no_grad()
     def reset_parameters(self, strategy: str | None = None, initializer_range: float = 0.2) -> None:
@@ -46,14 +63,20 @@ class ValueHead(nn.Module):
                 N(0, `initializer_range`) weights and a zero bias.
             initializer_range: standard deviation of the `"normal"` init.
         """
-        weight, bias = self.summary.weight, self.summary.bias
-        if strategy == "normal":
-            init.normal_(weight, mean=0.0, std=initializer_range)
-            init.zeros_(bias)
-        else:
-            init.kaiming_uniform_(weight, a=math.sqrt(5))
-            bound = 1 / math.sqrt(weight.shape[1])
-            init.uniform_(bias, -bound, bound)
+        for layer in self.linear_layers:
+            init_linear(layer, strategy, initializer_range)
+
+
+def init_linear(layer: nn.Linear, strategy: str | None, initializer_range: float) -> None:
+    """Initialises one layer of the value head (see `ValueHead.reset_parameters`)."""
+    weight, bias = layer.weight, layer.bias
+    if strategy == "normal":
+        init.normal_(weight, mean=0.0, std=initializer_range)
+        init.zeros_(bias)
+    else:
+        init.kaiming_uniform_(weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(weight.shape[1])
+        init.uniform_(bias, -bound, bound)
 
 
 class ScoreHead(nn.Linear):

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from transformers.utils import cached_file
 
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, UnrecognizedLayoutError
 
 HEAD_WEIGHT_KEY = "v_head.summary.weight"
 HEAD_BIAS_KEY = "v_head.summary.bias"
+HIDDEN_LAYER_PREFIX = "v_head.hidden_layer."  # the optional MLP layer before `summary` (trlx's heads)
 
 # The `from_pretrained` keywords that say where files come from, in the names `cached_file` takes.
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
@@ -56,10 +59,24 @@ class HeadSource:
 
 @dataclass(frozen=True)
 class CheckpointHead:
-    """The value head found in a checkpoint: its file and the shapes of its tensors."""
+    """The value head found in a checkpoint, in whichever writer's layout it was saved.
+
+    `shapes` uses this package's key names (`v_head.summary.weight`, ...); `key_mapping` renames the checkpoint's own
+    keys to them (transformers' `from_pretrained(key_mapping=...)`), and `settings` are the head settings the layout
+    implies (trlx's MLP width, OpenRLHF's reward statistics).
+    """
 
     file: str
     shapes: dict[str, tuple[int, ...]]
+    layout: str = "TRL"
+    key_mapping: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    separate_file: bool = False
+    """The head is in a file of its own beside the model (LLaMA-Factory, or next to an adapter), read after the load."""
+
+    @property
+    def has_bias(self) -> bool:
+        return HEAD_BIAS_KEY in self.shapes
 
 
 def _with_variant(name: str, variant: str | None) -> str:
@@ -150,26 +167,33 @@ def _head_shapes(path: str) -> dict[str, tuple[int, ...]]:
     return {name: shapes[name] for name in (HEAD_WEIGHT_KEY, HEAD_BIAS_KEY) if name in shapes}
 
 
-def find_value_head(
+def read_config_dict(path_or_id: str, hub_kwargs: dict) -> dict[str, Any]:
+    """The `config.json` of a directory or hub id as a dict (`{}` when there is none)."""
+    resolved = resolve_file(str(path_or_id), "config.json", hub_kwargs)
+    if resolved is None:
+        return {}
+    with open(resolved, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def checkpoint_tensor_files(
     path_or_id: str | os.PathLike,
     hub_kwargs: dict,
     variant: str | None = None,
     use_safetensors: bool | None = None,
-) -> CheckpointHead | None:
-    """Finds the value head in the checkpoint transformers will load from `path_or_id`.
+) -> dict[str, str] | None:
+    """The name of every tensor in the checkpoint transformers will load from `path_or_id`, with the local file that
+    holds it; `None` when there are no weights.
 
-    Looks at the same files as `PreTrainedModel.from_pretrained`, in its order. Every safetensors file of the checkpoint
-    has its header checked, so a truncated shard is named here rather than failing deep inside the load.
+    Looks at the same files as `PreTrainedModel.from_pretrained`, in its order. Every safetensors file has its header
+    checked, so a truncated shard is named here rather than failing deep inside the load; only headers are read (a
+    single pickle is read whole, memory-mapped).
 
     Args:
         path_or_id: a local directory or a hub id.
         hub_kwargs: `cache_dir`, `revision`, `token`, `local_files_only`, `subfolder`, ... as for `cached_file`.
         variant: the weights variant (`model.<variant>.safetensors`).
         use_safetensors: `False` reads only pickles, `True` only safetensors, `None` prefers safetensors.
-
-    Returns:
-        The file holding `v_head.summary.weight` with the head tensors' shapes, or `None` if the checkpoint has no
-        value head (a plain LM) or no weights at all.
     """
     path_or_id = str(path_or_id)
     names = []
@@ -182,16 +206,144 @@ def find_value_head(
         if resolved is None:
             continue
         if not name.endswith(".json"):
-            shapes = _head_shapes(resolved)
-            return CheckpointHead(resolved, shapes) if shapes else None
+            return dict.fromkeys(read_tensor_shapes(resolved), resolved)
         with open(resolved, encoding="utf-8") as index:
             weight_map = json.load(index)["weight_map"]
         shard_paths = {shard: resolve_file(path_or_id, shard, hub_kwargs) for shard in sorted(set(weight_map.values()))}
         for shard_path in shard_paths.values():
             if shard_path is not None and shard_path.endswith(".safetensors"):
                 read_safetensors_header(shard_path)
-        head_shard = shard_paths.get(weight_map.get(HEAD_WEIGHT_KEY))
-        return CheckpointHead(head_shard, _head_shapes(head_shard)) if head_shard else None
+        return {key: shard_paths[shard] for key, shard in weight_map.items() if shard_paths[shard] is not None}
+    return None
+
+
+@dataclass(frozen=True)
+class _HeadMatch:
+    layout: str
+    head_keys: dict[str, str]  # the checkpoint's head keys -> ours
+    prefix_mapping: dict[str, str] = field(default_factory=dict)  # renames the base model's keys (a regex each)
+
+
+# trlx's `make_head`: Linear(hidden, 2 * hidden), ReLU, Linear(2 * hidden, 1), as `v_head.0` and `v_head.2`.
+_TRLX_HEAD_KEYS = {
+    "v_head.0.weight": HIDDEN_LAYER_PREFIX + "weight",
+    "v_head.0.bias": HIDDEN_LAYER_PREFIX + "bias",
+    "v_head.2.weight": HEAD_WEIGHT_KEY,
+    "v_head.2.bias": HEAD_BIAS_KEY,
+}
+
+# Where peers keep a one-layer scalar head (`<prefix>.weight` of shape (1, hidden), bias or not), tried after the
+# config's own `value_head_prefix` (OpenRLHF): `score` (OpenRLHF since Dec 2024, transformers' sequence- and, for most
+# families, token-classification heads) and `value_head` (OpenRLHF before). `classifier` is the token-classification
+# head of GPT-2-like families, tried only when the config names such an architecture.
+LINEAR_HEAD_PREFIXES = ("score", "value_head")
+_CLASSIFIER_ARCHITECTURES = ("ForSequenceClassification", "ForTokenClassification")
+
+
+def _linear_head_layout(config: dict[str, Any], prefix: str) -> str:
+    architecture = (config.get("architectures") or [""])[0]
+    if "value_head_prefix" in config or "normalize_reward" in config or prefix == "value_head":
+        return "OpenRLHF"
+    if architecture.endswith("ForSequenceClassification"):
+        return "HF sequence classification"
+    if architecture.endswith("ForTokenClassification"):
+        return "HF token classification (verl)"
+    return f"`{prefix}` head"
+
+
+def match_head(keys: Collection[str], config: dict[str, Any], lm_prefix: str | None = None) -> _HeadMatch | None:
+    """Which writer's layout a checkpoint's value head is in, from its tensor names and its `config.json`.
+
+    Args:
+        keys: every tensor name of the checkpoint.
+        config: its `config.json`, as a dict.
+        lm_prefix: the `base_model_prefix` of the language model it holds (DeepSpeed-Chat saved the bare backbone).
+
+    Raises:
+        UnrecognizedLayoutError: a trlx value branch (its own copy of the top layers), which one head cannot hold.
+    """
+    keys = set(keys)
+    if HEAD_WEIGHT_KEY in keys:
+        native = any(key.startswith("pretrained_model.") for key in keys)
+        head_keys = {key: key for key in keys if key.startswith("v_head.")}
+        return _HeadMatch("transformers-vhead" if native else "TRL", head_keys)
+    if any(key.startswith("v_head.decoder_blocks.") for key in keys):
+        raise UnrecognizedLayoutError(
+            "This is a trlx checkpoint with a value branch (num_value_layers_unfrozen > 0): its critic has its own "
+            "trainable copy of the top decoder layers, which a value head on the shared final hidden state cannot "
+            "hold. Load it with trlx, or train with num_value_layers_unfrozen=0."
+        )
+    if "v_head.0.weight" in keys and "v_head.2.weight" in keys:
+        head_keys = {key: ours for key, ours in _TRLX_HEAD_KEYS.items() if key in keys}
+        return _HeadMatch("trlx", head_keys, {r"^base_model\.": ""})
+    if "v_head.weight" in keys and lm_prefix and any(key.startswith("rwtransformer.") for key in keys):
+        return _HeadMatch("DeepSpeed-Chat", {"v_head.weight": HEAD_WEIGHT_KEY}, {r"^rwtransformer\.": f"{lm_prefix}."})
+    prefixes = [config.get("value_head_prefix"), *LINEAR_HEAD_PREFIXES]
+    if (config.get("architectures") or [""])[0].endswith(_CLASSIFIER_ARCHITECTURES):
+        prefixes.append("classifier")
+    for prefix in filter(None, prefixes):
+        if f"{prefix}.weight" in keys:
+            head_keys = {f"{prefix}.weight": HEAD_WEIGHT_KEY}
+            if f"{prefix}.bias" in keys:
+                head_keys[f"{prefix}.bias"] = HEAD_BIAS_KEY
+            return _HeadMatch(_linear_head_layout(config, prefix), head_keys)
+    return None
+
+
+def _layout_settings(match: _HeadMatch, shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> dict[str, Any]:
+    """The head settings a layout implies: trlx's MLP width (and no dropout: trlx's head has none), OpenRLHF's reward
+    statistics."""
+    if match.layout == "trlx":
+        return {"v_head_hidden_size": shapes[HIDDEN_LAYER_PREFIX + "weight"][0], "summary_dropout_prob": 0.0}
+    if match.layout == "OpenRLHF" and config.get("mean") is not None and config.get("std") is not None:
+        return {"score_mean": config["mean"], "score_std": config["std"]}
+    return {}
+
+
+def find_value_head(
+    path_or_id: str | os.PathLike,
+    hub_kwargs: dict,
+    variant: str | None = None,
+    use_safetensors: bool | None = None,
+    lm_prefix: str | None = None,
+) -> CheckpointHead | None:
+    """Finds the value head of the checkpoint transformers will load from `path_or_id`, in any layout we read.
+
+    Layouts (see `match_head`): ours and TRL's (`v_head.summary.*` among the model's keys, in one file or one shard),
+    trlx (`base_model.*` and an MLP `v_head.{0,2}.*`), DeepSpeed-Chat (`rwtransformer.*` and `v_head.weight`),
+    OpenRLHF (`<value_head_prefix>.weight`, `score.weight` or `value_head.weight`, reward statistics in the config),
+    transformers' sequence classification (`score.weight`, no bias) and token classification (verl's critic:
+    `score` or `classifier` with a bias), and LLaMA-Factory (`value_head.safetensors` / `value_head.bin` beside an
+    ordinary checkpoint).
+
+    Args:
+        path_or_id, hub_kwargs, variant, use_safetensors: as for `checkpoint_tensor_files`.
+        lm_prefix: the `base_model_prefix` of the language model the checkpoint holds.
+
+    Returns:
+        The head's file, shapes (in our key names), layout, the key mapping and settings that load it; `None` when the
+        checkpoint has no value head (a plain LM) or no weights at all.
+    """
+    path_or_id = str(path_or_id)
+    files = checkpoint_tensor_files(path_or_id, hub_kwargs, variant, use_safetensors)
+    if files:
+        config = read_config_dict(path_or_id, hub_kwargs)
+        match = match_head(files.keys(), config, lm_prefix)
+        if match is not None:
+            file_shapes = {file: read_tensor_shapes(file) for file in {files[key] for key in match.head_keys}}
+            shapes = {ours: file_shapes[files[key]][key] for key, ours in match.head_keys.items()}
+            key_mapping = {rf"^{re.escape(key)}$": ours for key, ours in match.head_keys.items() if key != ours}
+            return CheckpointHead(
+                file=files[next(key for key, ours in match.head_keys.items() if ours == HEAD_WEIGHT_KEY)],
+                shapes=shapes,
+                layout=match.layout,
+                key_mapping={**match.prefix_mapping, **key_mapping},
+                settings=_layout_settings(match, shapes, config),
+            )
+    for name in ADAPTER_HEAD_NAMES:  # LLaMA-Factory keeps the head out of the model's own checkpoint
+        resolved = resolve_file(path_or_id, name, hub_kwargs)
+        if resolved is not None and (shapes := _head_shapes(resolved)):
+            return CheckpointHead(resolved, shapes, layout="LLaMA-Factory", separate_file=True)
     return None
 
 
@@ -202,12 +354,15 @@ def find_adapter_value_head(path_or_id: str | os.PathLike, hub_kwargs: dict) -> 
     Returns:
         The file and its head tensors' shapes, or `None` when the adapter was saved without a head.
     """
+    ours = read_config_dict(str(path_or_id), hub_kwargs).get("model_type", "").startswith("transformers-vhead")
     for name in ADAPTER_HEAD_NAMES:
         resolved = resolve_file(str(path_or_id), name, hub_kwargs)
         if resolved is not None:
             shapes = _head_shapes(resolved)
-            return CheckpointHead(resolved, shapes) if shapes else None
-    return find_value_head(path_or_id, hub_kwargs)
+            layout = "transformers-vhead" if ours else "LLaMA-Factory"
+            return CheckpointHead(resolved, shapes, layout=layout, separate_file=True) if shapes else None
+    head = find_value_head(path_or_id, hub_kwargs)
+    return head if head is not None and head.layout in ("TRL", "transformers-vhead") else None
 
 
 def read_value_head(path: str) -> dict[str, torch.Tensor]:

@@ -7,10 +7,11 @@ states are kept for it; a value-only call stops right after the decoder and neve
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -42,11 +43,12 @@ from .configuration import (
     resolve_hidden_size,
 )
 from .errors import HeadShapeMismatchError, InvalidModelSourceError, MissingLMHeadError, RewardAdapterError
-from .heads import ValueHead
+from .heads import ValueHead, init_linear
 from .hub import push_to_hub
 from .loading import (
     ADAPTER_HEAD_NAMES,
     HEAD_WEIGHT_KEY,
+    HIDDEN_LAYER_PREFIX,
     CheckpointHead,
     HeadSource,
     find_adapter_value_head,
@@ -198,7 +200,7 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
                 module._is_hf_initialized = True
         self.pretrained_model = pretrained_model
         config.text_config = pretrained_model.config  # one config object: changes through either side are seen by both
-        self.v_head = ValueHead(config.text_config, config.summary_dropout_prob)
+        self.v_head = ValueHead(config.text_config, config.summary_dropout_prob, config.v_head_hidden_size)
         self.v_head_source = HeadSource(
             init=describe_v_head_init(config.v_head_init_strategy, config.v_head_initializer_range)
         )
@@ -213,9 +215,9 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
 
     def _init_weights(self, module: nn.Module) -> None:
         # The wrapped model initialises its own modules; only the head is ours. transformers visits modules that hold
-        # parameters directly, so the head is initialised when its `summary` Linear is visited.
-        if module is self.v_head.summary:
-            self.v_head.reset_parameters(self.config.v_head_init_strategy, self.config.v_head_initializer_range)
+        # parameters directly, so each of the head's Linear layers is initialised when it is visited.
+        if any(module is layer for layer in self.v_head.linear_layers):
+            init_linear(module, self.config.v_head_init_strategy, self.config.v_head_initializer_range)
 
     @property
     def is_peft_model(self) -> bool:
@@ -369,19 +371,44 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
     def _from_checkpoint(cls, pretrained_model_name_or_path, model_args: tuple, kwargs: dict, hub_kwargs: dict):
         head = None
         if kwargs.get("state_dict") is None and kwargs.get("gguf_file") is None:
+            config = kwargs.get("config")
+            if not isinstance(config, ValueHeadConfig):
+                config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
+            lm_prefix = cls.transformers_parent_class._model_mapping[type(config.text_config)].base_model_prefix
             head = find_value_head(
-                pretrained_model_name_or_path, hub_kwargs, kwargs.get("variant"), kwargs.get("use_safetensors")
+                pretrained_model_name_or_path,
+                hub_kwargs,
+                kwargs.get("variant"),
+                kwargs.get("use_safetensors"),
+                lm_prefix,
             )
             if head is not None:
-                config = kwargs.get("config")
-                if not isinstance(config, ValueHeadConfig):
-                    config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
-                _check_head_shape(head, config.text_config)
+                kwargs = _with_layout_settings(kwargs, head)
+                hidden_layer_size = kwargs.get("v_head_hidden_size") or config.v_head_hidden_size
+                _check_head_shape(head, config.text_config, hidden_layer_size)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = _model_of(loaded)
         if head is not None:
-            model.v_head_source = HeadSource(file=head.file)
+            model._finish_head_load(head)
         return loaded
+
+    def _finish_head_load(self, head: CheckpointHead) -> None:
+        """After transformers' load: reads a head kept in a file of its own, zeroes the bias a bias-free head (a
+        sequence classifier's `score`) lacks, and records where the head came from."""
+        if head.key_mapping:  # transformers keeps the mapping to save in the loaded layout again; we save our own
+            self._weight_conversions = [
+                conversion
+                for conversion in getattr(self, "_weight_conversions", [])
+                if not set(conversion._original_source_patterns) & set(head.key_mapping)
+            ]
+        if head.separate_file:
+            state_dict = read_value_head(head.file)
+            device = self.v_head.summary.weight.device
+            self.v_head.load_state_dict({key: tensor.to(device) for key, tensor in state_dict.items()})
+        elif not head.has_bias:
+            with torch.no_grad():
+                self.v_head.summary.bias.zero_()
+        self.v_head_source = HeadSource(file=head.file, layout=head.layout)
 
     @classmethod
     def _from_adapter(
@@ -410,11 +437,8 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
         head = find_adapter_value_head(adapter_id, hub_kwargs)
         if head is None:
             return
-        _check_head_shape(head, self.config.text_config)
-        state_dict = read_value_head(head.file)
-        device = self.v_head.summary.weight.device
-        self.v_head.load_state_dict({key: tensor.to(device) for key, tensor in state_dict.items()})
-        self.v_head_source = HeadSource(file=head.file)
+        _check_head_shape(head, self.config.text_config, self.config.v_head_hidden_size)
+        self._finish_head_load(replace(head, separate_file=True))
 
     def _report_head_source(self, source) -> None:
         if self.v_head_source.is_loaded or not isinstance(source, (str, os.PathLike)):
@@ -608,16 +632,37 @@ def _model_of(loaded):
     return loaded[0] if isinstance(loaded, tuple) else loaded
 
 
-def _check_head_shape(head: CheckpointHead, text_config) -> None:
+def _check_head_shape(head: CheckpointHead, text_config, hidden_layer_size: int | None = None) -> None:
     """Raises `HeadShapeMismatchError` unless the checkpoint's head fits a model of `text_config`."""
-    expected = (1, resolve_hidden_size(text_config))
-    found = head.shapes.get(HEAD_WEIGHT_KEY)
-    if found != expected:
-        raise HeadShapeMismatchError(
-            f"{head.file} holds a value head of shape {found} ({HEAD_WEIGHT_KEY}), but this "
-            f"{text_config.model_type} model needs {expected}: the head was trained for another base model. Load a "
-            "checkpoint of this base model, or start from its plain weights for a fresh head."
-        )
+    width = resolve_hidden_size(text_config)
+    expected = {HEAD_WEIGHT_KEY: (1, hidden_layer_size or width)}
+    if hidden_layer_size is not None:
+        expected[HIDDEN_LAYER_PREFIX + "weight"] = (hidden_layer_size, width)
+    for key, shape in expected.items():
+        found = head.shapes.get(key)
+        if found != shape:
+            raise HeadShapeMismatchError(
+                f"{head.file} holds a value head ({head.layout} layout) whose {key} has shape {found}, but this "
+                f"{text_config.model_type} model (hidden size {width}) needs {shape}: the head was trained for another "
+                "base model. Load a checkpoint of this base model, or start from its plain weights for a fresh head."
+            )
+
+
+def _with_layout_settings(kwargs: dict, head: CheckpointHead) -> dict:
+    """`from_pretrained`'s keywords plus what loading `head` needs: its key mapping, and the settings its layout
+    implies (trlx's MLP width, OpenRLHF's reward statistics) unless the caller or a config of ours sets them."""
+    kwargs = dict(kwargs)
+    if head.key_mapping:
+        kwargs["key_mapping"] = {**head.key_mapping, **(kwargs.get("key_mapping") or {})}
+    config = kwargs.get("config")
+    if not isinstance(config, ValueHeadConfig):
+        return {**head.settings, **kwargs}
+    unset = {key: value for key, value in head.settings.items() if getattr(config, key) is None}
+    if unset:  # the caller's config object is left as it was
+        kwargs["config"] = copy.deepcopy(config)
+        for key, value in unset.items():
+            setattr(kwargs["config"], key, value)
+    return kwargs
 
 
 def _saved_head_settings(directory: str, config_class: type[ValueHeadConfig]) -> dict:
