@@ -2,6 +2,7 @@
 
 import json
 
+import huggingface_hub
 import pytest
 import torch
 from conftest import build_bare
@@ -19,9 +20,12 @@ from transformers_vhead.errors import (
     HiddenSizeNotFoundError,
     InvalidModelSourceError,
     MissingLMHeadError,
+    NoModelFoundError,
+    NotInOfflineCacheError,
     TransformersVheadError,
     UnknownBaseModelTypeError,
     UnknownInitStrategyError,
+    UnrecognizedLayoutError,
     WrongModelKindError,
 )
 
@@ -34,13 +38,50 @@ def test_source_that_is_neither_path_hub_id_nor_model_is_a_type_error(source):
 
 
 def test_path_that_does_not_exist_and_is_no_hub_id_is_an_os_error(tmp_path):
-    with pytest.raises(OSError, match="not-there"):
+    with pytest.raises(NoModelFoundError, match=r"not-there does not exist, and it is not a hub id"):
         AutoModelForCausalLMWithValueHead.from_pretrained(str(tmp_path / "not-there"))
+    assert issubclass(NoModelFoundError, OSError)
 
 
-def test_hub_id_missing_from_the_offline_cache_is_an_os_error(tmp_path):
-    with pytest.raises(OSError, match="couldn't find them in the cached files"):
-        AutoModelForCausalLMWithValueHead.from_pretrained("acme/absent", cache_dir=tmp_path)
+def test_directory_that_holds_no_model_says_so(tmp_path):
+    (tmp_path / "README.md").write_text("# notes")
+
+    with pytest.raises(NoModelFoundError, match=r"holds no model \(only README.md\)"):
+        AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
+    with pytest.raises(NoModelFoundError, match="is a file, not a model directory"):
+        AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "README.md")
+
+
+@pytest.mark.parametrize(
+    ("files", "missing"),
+    [
+        (["weights.pt", "notes.txt"], "no config.json"),  # a raw torch.save, no config
+        (["config.json", "model.pt"], "no weights"),  # a config, but weights under a name nobody reads
+        (["adapter_model.safetensors"], "no config.json"),  # an adapter without its adapter_config.json
+    ],
+)
+def test_unrecognised_layout_lists_the_files_it_found(tmp_path, files, missing):
+    for name in files:
+        (tmp_path / name).write_text("{}")
+
+    with pytest.raises(UnrecognizedLayoutError, match=missing) as error:
+        AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
+    assert f"Found: {', '.join(sorted(files))}." in str(error.value)
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "local_files_only"])
+def test_hub_id_missing_from_the_offline_cache_is_named_with_the_cache(tmp_path, monkeypatch, offline):
+    kwargs = {"cache_dir": tmp_path}
+    if offline == "local_files_only":  # online as far as huggingface_hub knows: local_files_only alone stops it
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        kwargs["local_files_only"] = True
+
+    with pytest.raises(NotInOfflineCacheError) as error:
+        AutoModelForCausalLMWithValueHead.from_pretrained("acme/absent", **kwargs)
+    message = str(error.value)
+    assert f"acme/absent is not a local directory, and the hub cache at {tmp_path} has no copy of it" in message
+    assert ("HF_HUB_OFFLINE=1 is set" if offline == "HF_HUB_OFFLINE" else "local_files_only=True") in message
+    assert "hf download acme/absent" in message
 
 
 def test_unknown_init_strategy_lists_the_valid_ones(llama_dir):
@@ -172,8 +213,11 @@ def test_every_error_is_a_transformers_vhead_error():
     errors = (
         InvalidModelSourceError,
         UnknownInitStrategyError,
+        UnrecognizedLayoutError,
         HiddenSizeNotFoundError,
         MissingLMHeadError,
+        NoModelFoundError,
+        NotInOfflineCacheError,
         HeadShapeMismatchError,
         CorruptCheckpointError,
         UnknownBaseModelTypeError,

@@ -8,6 +8,7 @@ test_loading.py, and TRL 1.12's own writer in test_architectures.py.
 """
 
 import json
+import logging
 
 import pytest
 import torch
@@ -242,3 +243,16 @@ def test_a_peer_head_for_another_hidden_size_names_both_shapes(tmp_path):
 
     with pytest.raises(HeadShapeMismatchError, match=r"HF sequence classification layout.*\(1, 32\).*\(1, 48\)"):
         AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(("family", "warned"), [("llama", True), ("gpt2", False)])
+def test_a_reward_model_without_lm_head_says_its_logits_mean_nothing(tmp_path, caplog, family, warned):
+    classifier(AutoModelForSequenceClassification, family, tmp_path)  # gpt2 ties its LM head to the embeddings
+
+    with caplog.at_level(logging.WARNING, logger="transformers_vhead"):
+        AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
+
+    messages = [record.getMessage() for record in caplog.records if "without an LM head" in record.getMessage()]
+    assert len(messages) == (1 if warned else 0)
+    if warned:
+        assert "HF sequence classification checkpoint" in messages[0] and "compute_values" in messages[0]

@@ -15,10 +15,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from huggingface_hub import constants, is_offline_mode
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
 from transformers.utils import cached_file
 
-from .errors import CorruptCheckpointError, UnrecognizedLayoutError
+from .errors import (
+    CorruptCheckpointError,
+    NoModelFoundError,
+    NotInOfflineCacheError,
+    UnrecognizedLayoutError,
+)
 
 HEAD_WEIGHT_KEY = "v_head.summary.weight"
 HEAD_BIAS_KEY = "v_head.summary.bias"
@@ -73,6 +81,8 @@ class CheckpointHead:
     settings: dict[str, Any] = field(default_factory=dict)
     separate_file: bool = False
     """The head is in a file of its own beside the model (LLaMA-Factory, or next to an adapter), read after the load."""
+    has_lm_head: bool = True
+    """False for a reward model or critic saved without its LM head (sequence/token classifiers, OpenRLHF)."""
 
     @property
     def has_bias(self) -> bool:
@@ -222,6 +232,7 @@ class _HeadMatch:
     layout: str
     head_keys: dict[str, str]  # the checkpoint's head keys -> ours
     prefix_mapping: dict[str, str] = field(default_factory=dict)  # renames the base model's keys (a regex each)
+    has_lm_head: bool = True
 
 
 # trlx's `make_head`: Linear(hidden, 2 * hidden), ReLU, Linear(2 * hidden, 1), as `v_head.0` and `v_head.2`.
@@ -277,7 +288,8 @@ def match_head(keys: Collection[str], config: dict[str, Any], lm_prefix: str | N
         head_keys = {key: ours for key, ours in _TRLX_HEAD_KEYS.items() if key in keys}
         return _HeadMatch("trlx", head_keys, {r"^base_model\.": ""})
     if "v_head.weight" in keys and lm_prefix and any(key.startswith("rwtransformer.") for key in keys):
-        return _HeadMatch("DeepSpeed-Chat", {"v_head.weight": HEAD_WEIGHT_KEY}, {r"^rwtransformer\.": f"{lm_prefix}."})
+        mapping = {r"^rwtransformer\.": f"{lm_prefix}."}
+        return _HeadMatch("DeepSpeed-Chat", {"v_head.weight": HEAD_WEIGHT_KEY}, mapping, has_lm_head=False)
     prefixes = [config.get("value_head_prefix"), *LINEAR_HEAD_PREFIXES]
     if (config.get("architectures") or [""])[0].endswith(_CLASSIFIER_ARCHITECTURES):
         prefixes.append("classifier")
@@ -286,7 +298,7 @@ def match_head(keys: Collection[str], config: dict[str, Any], lm_prefix: str | N
             head_keys = {f"{prefix}.weight": HEAD_WEIGHT_KEY}
             if f"{prefix}.bias" in keys:
                 head_keys[f"{prefix}.bias"] = HEAD_BIAS_KEY
-            return _HeadMatch(_linear_head_layout(config, prefix), head_keys)
+            return _HeadMatch(_linear_head_layout(config, prefix), head_keys, has_lm_head=False)
     return None
 
 
@@ -339,6 +351,7 @@ def find_value_head(
                 layout=match.layout,
                 key_mapping={**match.prefix_mapping, **key_mapping},
                 settings=_layout_settings(match, shapes, config),
+                has_lm_head=match.has_lm_head,
             )
     for name in ADAPTER_HEAD_NAMES:  # LLaMA-Factory keeps the head out of the model's own checkpoint
         resolved = resolve_file(path_or_id, name, hub_kwargs)
@@ -363,6 +376,70 @@ def find_adapter_value_head(path_or_id: str | os.PathLike, hub_kwargs: dict) -> 
             return CheckpointHead(resolved, shapes, layout=layout, separate_file=True) if shapes else None
     head = find_value_head(path_or_id, hub_kwargs)
     return head if head is not None and head.layout in ("TRL", "transformers-vhead") else None
+
+
+# Files a checkpoint directory can hold that say nothing about a model (git and hub bookkeeping, cards, licences).
+_NOT_MODEL_FILES = (".gitattributes", "README.md", "LICENSE", "LICENSE.txt", "USE_POLICY.md")
+# transformers' weight files, with or without a variant or shard number, and the ones of the layouts we read.
+_WEIGHT_FILE_PATTERN = re.compile(
+    r"^(model|pytorch_model|adapter_model|value_head)([.-].*)?\.(safetensors|bin)(\.index\.json)?$|\.gguf$"
+)
+
+
+def check_model_source(path_or_id: str | os.PathLike, hub_kwargs: dict) -> None:
+    """Fails early, with a message that says what to do, when `path_or_id` cannot hold a model we load.
+
+    A local directory must hold a `config.json` (or a PEFT `adapter_config.json`) and weights that transformers reads;
+    a hub id, while downloads are off, must be in the hub cache. Anything else is left to transformers.
+
+    Raises:
+        NoModelFoundError: the path does not exist, or the directory holds no model files at all.
+        UnrecognizedLayoutError: the directory holds files, but in no layout we read (they are listed).
+        NotInOfflineCacheError: a hub id with no copy in the cache while `HF_HUB_OFFLINE=1` or `local_files_only`.
+    """
+    subfolder = hub_kwargs.get("subfolder")
+    path = os.path.join(str(path_or_id), subfolder) if subfolder else str(path_or_id)
+    if os.path.isdir(path):
+        files = sorted(name for name in os.listdir(path) if not name.startswith("."))
+        model_files = [name for name in files if name not in _NOT_MODEL_FILES]
+        if not model_files:
+            found = f" (only {', '.join(files)})" if files else ""
+            raise NoModelFoundError(
+                f"{path} holds no model{found}. Point to the directory that `save_pretrained` wrote, with its "
+                "config.json and weights."
+            )
+        has_config = "config.json" in files or "adapter_config.json" in files
+        has_weights = any(_WEIGHT_FILE_PATTERN.search(name) for name in files)
+        if not (has_config and has_weights):
+            missing = (
+                "weights (model.safetensors, pytorch_model.bin or a sharded index)"
+                if has_config
+                else "config.json (or a PEFT adapter_config.json)"
+            )
+            raise UnrecognizedLayoutError(
+                f"{path} is not a checkpoint layout we can read: it has no {missing}. Found: {', '.join(files)}. "
+                "Layouts read: transformers-vhead, TRL, trlx, OpenRLHF, LLaMA-Factory, verl, DeepSpeed-Chat and "
+                "transformers' own (save_pretrained), or a PEFT adapter."
+            )
+        return
+    if os.path.exists(path):
+        raise NoModelFoundError(f"{path} is a file, not a model directory: pass the directory that holds it.")
+    try:
+        validate_repo_id(str(path_or_id))
+    except HFValidationError:
+        raise NoModelFoundError(f"{path_or_id} does not exist, and it is not a hub id (`org/name`).") from None
+    if not (is_offline_mode() or hub_kwargs.get("local_files_only")):
+        return
+    if any(resolve_file(str(path_or_id), name, hub_kwargs) for name in ("config.json", "adapter_config.json")):
+        return
+    why = "local_files_only=True" if hub_kwargs.get("local_files_only") else "HF_HUB_OFFLINE=1 is set"
+    cache = hub_kwargs.get("cache_dir") or constants.HF_HUB_CACHE
+    raise NotInOfflineCacheError(
+        f"{path_or_id} is not a local directory, and the hub cache at {cache} has no copy of it"
+        f"{' at revision ' + hub_kwargs['revision'] if hub_kwargs.get('revision') else ''}; downloads are off "
+        f"({why}). Download it where there is a network (`hf download {path_or_id}`) into this cache, or pass a "
+        "local directory."
+    )
 
 
 def read_value_head(path: str) -> dict[str, torch.Tensor]:

@@ -51,6 +51,7 @@ from .loading import (
     HIDDEN_LAYER_PREFIX,
     CheckpointHead,
     HeadSource,
+    check_model_source,
     find_adapter_value_head,
     find_value_head,
     hub_kwargs_of,
@@ -348,10 +349,14 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
                 f"{cls.__name__}.from_pretrained takes a local directory, a hub id or a transformers PreTrainedModel, "
                 f"got {type(source).__name__}."
             )
-        elif kwargs.get("state_dict") is None and (adapter := find_adapter(source, hub_kwargs)) is not None:
-            loaded = cls._from_adapter(source, adapter[0], is_trainable, hub_kwargs, model_args, kwargs)
         else:
-            loaded = cls._from_checkpoint(source, model_args, kwargs, hub_kwargs)
+            if kwargs.get("state_dict") is None:  # weights given as a state dict need no files
+                check_model_source(source, hub_kwargs)
+                adapter = find_adapter(source, hub_kwargs)
+            if adapter is not None:
+                loaded = cls._from_adapter(source, adapter[0], is_trainable, hub_kwargs, model_args, kwargs)
+            else:
+                loaded = cls._from_checkpoint(source, model_args, kwargs, hub_kwargs)
         model = _model_of(loaded)
 
         if peft_config is not None:
@@ -409,6 +414,12 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
             with torch.no_grad():
                 self.v_head.summary.bias.zero_()
         self.v_head_source = HeadSource(file=head.file, layout=head.layout)
+        if not head.has_lm_head and self.get_output_embeddings().weight is not self.get_input_embeddings().weight:
+            logger.warning(
+                f"{head.file} is a {head.layout} checkpoint, saved without an LM head: the LM head is freshly "
+                "initialised, so the logits mean nothing. Use the model as a critic or reward model "
+                "(`compute_values`, `compute_sequence_scores`), or load the policy's own checkpoint for generation."
+            )
 
     @classmethod
     def _from_adapter(
