@@ -81,6 +81,16 @@ def test_export_to_a_format_that_does_not_fit_raises_and_writes_nothing(family, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("to", ["seq-cls", "trl"])
+def test_a_head_with_a_hidden_layer_is_refused_where_one_linear_layer_must_hold_it(to, tmp_path):
+    model = AutoModelForCausalLMWithValueHead(build_bare("llama"), v_head_hidden_size=64)  # trlx's MLP head
+
+    with pytest.raises(ExportError, match="hidden layer.*v_head_hidden_size=64"):
+        export_model(model, tmp_path / "out", to=to)
+    assert not (tmp_path / "out").exists()
+    assert export_model(model, tmp_path / "lm", to="causal-lm").format == "causal-lm"
+
+
 # --- seq-cls -------------------------------------------------------------------------------------------------------
 
 

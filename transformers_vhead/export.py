@@ -85,8 +85,8 @@ def export_model(
         ValueError: `to` is not one of `EXPORT_FORMATS`.
         FileExistsError: `save_directory` exists and is not an empty directory.
         ExportError: the format does not fit the model (a seq2seq model as `"causal-lm"` or `"seq-cls"`, an
-            architecture without a single-linear sequence-classification head), or would change the values (a
-            nonzero head bias without `drop_bias`).
+            architecture without a single-linear sequence-classification head, a head with a hidden layer as `"trl"`
+            or `"seq-cls"`), or would change the values (a nonzero head bias without `drop_bias`).
 
     Example:
 
@@ -107,6 +107,12 @@ def export_model(
         )
     notes: list[str] = []
     # the cheap checks first, before a PEFT model is copied and merged
+    if to in ("seq-cls", "trl") and len(model.v_head.linear_layers) > 1:
+        raise ExportError(
+            f"This value head has a hidden layer (trlx's MLP head, v_head_hidden_size="
+            f"{model.config.v_head_hidden_size}), which the one-layer head of {to!r} cannot hold. Save it with "
+            "save_pretrained (our layout keeps it), or export the language model alone."
+        )
     if to == "seq-cls":
         seq_cls_class = _check_seq_cls(model, drop_bias, notes)
     elif to != "trl":
