@@ -181,6 +181,9 @@ def test_trlx_mlp_head_loads_as_a_head_with_a_hidden_layer(tmp_path, family):
         torch.testing.assert_close(model(**inputs).logits, bare(**inputs).logits, atol=1e-6, rtol=0)
 
     model.save_pretrained(tmp_path / "native")  # saved in our own layout, and loads back through the auto class
+    card = (tmp_path / "native" / "README.md").read_text()
+    assert "| hidden layer (`v_head_hidden_size`) | 64, ReLU (trlx's MLP head) |" in card
+    assert "(trlx layout) |" in card
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "native").eval()
     assert reloaded.v_head_source.layout == "transformers-vhead"
     for name, tensor in model.v_head.state_dict().items():

@@ -358,7 +358,8 @@ def test_card_says_where_the_head_came_from_and_the_reward_normalisation(tmp_pat
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "critic", score_mean=0.5, score_std=2.0)
     loaded.save_pretrained(tmp_path / "again")
     card = ModelCard.load(tmp_path / "again" / "README.md")
-    assert card_row(card.text, "origin") == "loaded from `model.safetensors` of `critic`"  # no local directories
+    origin = "loaded from `model.safetensors` of `critic` (transformers-vhead layout)"  # no local directories
+    assert card_row(card.text, "origin") == origin
     assert str(tmp_path) not in card_row(card.text, "origin")
     assert "returns `(score - 0.5) / 2.0`" in card.text
 
@@ -368,7 +369,42 @@ def test_card_of_a_peft_policy_says_it_is_an_adapter_with_its_head(tmp_path, lla
     model.save_pretrained(tmp_path / "policy")
     card = ModelCard.load(tmp_path / "policy" / "README.md")
     assert "PEFT adapter (LORA, r=4)" in card.text and "`value_head.safetensors`" in card.text
-    assert {"transformers-vhead", "value-head"} <= set(card.data.tags)
+    assert {"transformers-vhead", "value-head", "peft"} <= set(card.data.tags)
+    assert card.data.library_name == "transformers"  # our classes load it, not peft's
+    assert card.data.base_model is None  # the adapter's base is a local directory
+
+
+def test_card_of_a_peft_policy_declares_the_adapters_hub_base_model(tmp_path, llama_dir):
+    cache_dir = tmp_path / "hub-cache"
+    populate_hub_cache(cache_dir, "acme/tiny-llama", llama_dir)
+    model = transformers_vhead.AutoModelForCausalLMWithValueHead.from_pretrained(
+        "acme/tiny-llama", cache_dir=cache_dir, peft_config=policy_lora()
+    )
+    model.save_pretrained(tmp_path / "policy")
+
+    card = ModelCard.load(tmp_path / "policy" / "README.md")
+    assert card.data.base_model == "acme/tiny-llama"
+    assert json.loads((tmp_path / "policy" / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "acme/tiny-llama"
+    )
+
+
+def test_card_usage_snippet_of_a_peft_policy_loads_base_adapter_and_head(tmp_path, monkeypatch, tokenizer, llama_dir):
+    policy = transformers_vhead.AutoModelForCausalLMWithValueHead.from_pretrained(llama_dir, peft_config=policy_lora())
+    out = (tmp_path / "policy").absolute()
+    policy.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    snippet = usage_snippet(out / "README.md")
+    # transformers' auto classes load a hub adapter repo as the base model plus the adapter, without the head
+    assert f'AutoModelForCausalLMWithValueHead.from_pretrained("{out}")' in snippet
+    monkeypatch.chdir(tmp_path)
+
+    namespace: dict = {}
+    exec(compile(snippet, str(out / "README.md"), "exec"), namespace)
+
+    model = namespace["model"]
+    assert model.is_peft_model and model.v_head_source.is_loaded
+    assert torch.equal(model.v_head.summary.weight, policy.v_head.summary.weight)
 
 
 def test_an_existing_card_is_replaced_only_when_asked(tmp_path):

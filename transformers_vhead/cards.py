@@ -48,7 +48,8 @@ def head_origin(source: HeadSource | None, loaded_from: str | None) -> str:
         return f"a fresh head ({source.init} init) when the value head was added"
     where = hub_base_model(loaded_from) or (Path(str(loaded_from)).name if loaded_from else None)
     file = Path(source.file).name
-    return f"loaded from `{file}` of `{where}`" if where else f"loaded from `{file}`"
+    origin = f"loaded from `{file}` of `{where}`" if where else f"loaded from `{file}`"
+    return f"{origin} ({source.layout} layout)" if source.layout else origin
 
 
 def render_model_card(
@@ -68,16 +69,18 @@ def render_model_card(
         adapter: the policy adapter's config, for a PEFT policy saved as its adapter.
 
     Returns:
-        A `huggingface_hub.ModelCard` whose YAML metadata declares `library_name: transformers`, the tags
-        `transformers-vhead` and `value-head`, the `pipeline_tag`, and `base_model` when the wrapped model came from
-        the hub. The text says what the model is, the head's settings and origin, and the reward normalisation when
+        A `huggingface_hub.ModelCard` whose YAML metadata declares `library_name: transformers` (our classes load it,
+        an adapter too), the tags `transformers-vhead` and `value-head` (and `peft` for an adapter), the
+        `pipeline_tag`, and `base_model` when the wrapped model (for an adapter: the base model its config names) is a
+        hub repo. The text says what the model is, the head's settings and origin, and the reward normalisation when
         one is set.
     """
     base_model_type = config.text_config.model_type
+    base = adapter.base_model_name_or_path if adapter is not None else config.base_model_name_or_path
     card_data = ModelCardData(
         library_name="transformers",
-        tags=["transformers-vhead", "value-head", base_model_type],
-        base_model=hub_base_model(config.base_model_name_or_path),
+        tags=["transformers-vhead", "value-head", base_model_type] + (["peft"] if adapter is not None else []),
+        base_model=hub_base_model(base),
         pipeline_tag="text2text-generation" if config.is_encoder_decoder else "text-generation",
     )
     return ModelCard.from_template(
@@ -87,9 +90,11 @@ def render_model_card(
         name_or_path=str(name_or_path),
         model_kind=config.base_model_kind,
         auto_class="AutoModelForSeq2SeqLM" if config.is_encoder_decoder else "AutoModelForCausalLM",
+        value_head_class=f"AutoModelFor{'Seq2Seq' if config.is_encoder_decoder else 'Causal'}LMWithValueHead",
         is_encoder_decoder=config.is_encoder_decoder,
         base_model_type=base_model_type,
         hidden_size=resolve_hidden_size(config.text_config),
+        hidden_layer_size=config.v_head_hidden_size,
         summary_dropout_prob=config.summary_dropout_prob,
         init_strategy=describe_v_head_init(config.v_head_init_strategy, config.v_head_initializer_range),
         logits_dtype="fp32 (upcast, as TRL)" if config.upcast_logits else "the wrapped model's dtype",
