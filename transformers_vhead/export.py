@@ -177,7 +177,8 @@ def _check_seq_cls(model: PreTrainedModel, drop_bias: bool, notes: list[str]) ->
             raise ExportError(
                 f"The value head has bias {value:.6g}, but a transformers sequence classifier's score head has no "
                 f"bias: the exported values would be this model's values shifted by {-value:.6g}. Pass "
-                "drop_bias=True to export them shifted, or export 'trl' to keep the head exactly."
+                "drop_bias=True (`--drop-bias` on the command line) to export them shifted, or export 'trl' to keep "
+                "the head exactly."
             )
         notes.append(f"the value head's bias ({value:.6g}) was dropped: exported values are ours minus {value:.6g}.")
     return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(text_config)]
