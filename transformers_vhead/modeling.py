@@ -379,7 +379,9 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
             config = kwargs.get("config")
             if not isinstance(config, ValueHeadConfig):
                 config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
-            lm_prefix = cls.transformers_parent_class._model_mapping[type(config.text_config)].base_model_prefix
+            lm_classes = cls.transformers_parent_class._model_mapping  # remote-code models are not in it
+            lm_class = lm_classes[type(config.text_config)] if type(config.text_config) in lm_classes else None
+            lm_prefix = getattr(lm_class, "base_model_prefix", None)  # where DeepSpeed-Chat's backbone goes
             head = find_value_head(
                 pretrained_model_name_or_path,
                 hub_kwargs,
@@ -456,9 +458,10 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
             logger.info(f"Value head of {type(self).__name__} {self.v_head_source}.")
             return
         logger.warning(
-            f"Value head of {type(self).__name__} {self.v_head_source}: {source} holds no value head (`v_head.*`, "
-            f"or {' / '.join(ADAPTER_HEAD_NAMES)} next to an adapter). That is right when starting from a plain "
-            "language model; to resume training, load a checkpoint saved with its value head."
+            f"Value head of {type(self).__name__} {self.v_head_source}: {source} holds no value head in any layout "
+            f"we read (`v_head.*`, a `score` / `value_head` / `classifier` head, or {' / '.join(ADAPTER_HEAD_NAMES)} "
+            "beside the model or its adapter). That is right when starting from a plain language model; to resume "
+            "training, load a checkpoint saved with its value head."
         )
 
     def save_pretrained(
