@@ -353,10 +353,15 @@ def find_value_head(
                 settings=_layout_settings(match, shapes, config),
                 has_lm_head=match.has_lm_head,
             )
-    for name in ADAPTER_HEAD_NAMES:  # LLaMA-Factory keeps the head out of the model's own checkpoint
+    return _head_file_beside(path_or_id, hub_kwargs, "LLaMA-Factory")  # kept out of the model's own checkpoint
+
+
+def _head_file_beside(path_or_id: str, hub_kwargs: dict, layout: str) -> CheckpointHead | None:
+    """The first of `ADAPTER_HEAD_NAMES` beside a model or adapter that holds a value head, as a separate file."""
+    for name in ADAPTER_HEAD_NAMES:
         resolved = resolve_file(path_or_id, name, hub_kwargs)
         if resolved is not None and (shapes := _head_shapes(resolved)):
-            return CheckpointHead(resolved, shapes, layout="LLaMA-Factory", separate_file=True)
+            return CheckpointHead(resolved, shapes, layout=layout, separate_file=True)
     return None
 
 
@@ -367,13 +372,11 @@ def find_adapter_value_head(path_or_id: str | os.PathLike, hub_kwargs: dict) -> 
     Returns:
         The file and its head tensors' shapes, or `None` when the adapter was saved without a head.
     """
-    ours = read_config_dict(str(path_or_id), hub_kwargs).get("model_type", "").startswith("transformers-vhead")
-    for name in ADAPTER_HEAD_NAMES:
-        resolved = resolve_file(str(path_or_id), name, hub_kwargs)
-        if resolved is not None:
-            shapes = _head_shapes(resolved)
-            layout = "transformers-vhead" if ours else "LLaMA-Factory"
-            return CheckpointHead(resolved, shapes, layout=layout, separate_file=True) if shapes else None
+    path_or_id = str(path_or_id)
+    ours = read_config_dict(path_or_id, hub_kwargs).get("model_type", "").startswith("transformers-vhead")
+    head = _head_file_beside(path_or_id, hub_kwargs, "transformers-vhead" if ours else "LLaMA-Factory")
+    if head is not None:
+        return head
     head = find_value_head(path_or_id, hub_kwargs)
     return head if head is not None and head.layout in ("TRL", "transformers-vhead") else None
 
