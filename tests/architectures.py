@@ -64,6 +64,8 @@ SEQ2SEQ_FAMILIES = {
     "pegasus": ("PegasusConfig", {**_BART_LIKE, "decoder_start_token_id": 0}),
 }
 
+FAMILIES = [*CAUSAL_FAMILIES, *SEQ2SEQ_FAMILIES]
+
 # Token ids every family shares, inside the vocabulary.
 SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 

@@ -11,6 +11,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from architectures import SEQ2SEQ_FAMILIES, VOCAB_SIZE, tiny_config  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM  # noqa: E402
 
@@ -63,13 +64,22 @@ def llama_dir(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def trl_ppo():
-    """TRL 1.12's value-head module, the reference implementation; tests using it skip when TRL is not installed."""
-    return pytest.importorskip(
-        "trl.experimental.ppo",
-        reason="TRL 1.12 (the `trl` extra) is not installed; it is the reference to compare with",
-    )
+    """TRL 1.12's value-head module, the reference implementation. Tests using it skip, saying why, when TRL is not
+    installed, or cannot run a forward on the installed transformers (TRL is no longer maintained for new releases)."""
+    try:
+        import trl.experimental.ppo as module
+    except ImportError as exc:
+        pytest.skip(f"TRL 1.12 (the `trl` extra) is not installed; it is the reference to compare with ({exc})")
+    except Exception as exc:  # an import that breaks on a transformers TRL 1.12 predates
+        pytest.skip(f"TRL 1.12 cannot be imported with transformers {transformers.__version__}: {exc!r}")
+    try:
+        model = module.AutoModelForCausalLMWithValueHead.from_pretrained(build_bare("llama"))
+        model(**model_inputs("llama"), return_past_key_values=True)
+    except Exception as exc:
+        pytest.skip(f"TRL 1.12 cannot run a forward on transformers {transformers.__version__}: {exc!r}")
+    return module
 
 
 def populate_hub_cache(cache_dir: Path, repo_id: str, source: Path, commit: str = "a" * 40) -> Path:

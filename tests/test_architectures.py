@@ -6,10 +6,8 @@ bare model's, the value-only call equal to the forward's values, and values equa
 
 import pytest
 import torch
-from architectures import CAUSAL_FAMILIES, SEQ2SEQ_FAMILIES, VOCAB_SIZE
+from architectures import FAMILIES, VOCAB_SIZE
 from conftest import bare_class, build_bare, is_seq2seq, model_inputs, value_head_class
-
-FAMILIES = [*CAUSAL_FAMILIES, *SEQ2SEQ_FAMILIES]
 
 
 @pytest.fixture(params=FAMILIES)

@@ -131,10 +131,8 @@ def assert_same_model(loaded, original, family: str = "llama") -> None:
     assert type(loaded) is type(original) and loaded.v_head_source.is_loaded
     assert torch.equal(loaded.v_head.summary.weight, original.v_head.summary.weight)
     assert torch.equal(loaded.v_head.summary.bias, original.v_head.summary.bias)
-    # equal weights, yet not always bit-equal values: a weight read memory-mapped from safetensors may sit at an
-    # unaligned address, where BLAS takes another path (1 ulp apart)
     for loaded_tensor, expected in zip(outputs(loaded, family), outputs(original, family), strict=True):
-        torch.testing.assert_close(loaded_tensor, expected, rtol=0, atol=1e-6)
+        assert torch.equal(loaded_tensor, expected)
 
 
 def usage_snippet(card: ModelCard) -> str:
@@ -305,7 +303,7 @@ def test_policy_and_reward_adapter_load_by_hub_id(tmp_path, lora_policy, reward_
     with torch.no_grad():
         for method in ("compute_reward_score", "compute_sequence_scores"):
             expected = getattr(local, method)(**inputs)
-            torch.testing.assert_close(getattr(by_id, method)(**inputs), expected, rtol=0, atol=1e-6)
+            assert torch.equal(getattr(by_id, method)(**inputs), expected)
 
 
 @pytest.mark.xfail(

@@ -10,13 +10,8 @@ from .configuration import CausalLMWithValueHeadConfig, Seq2SeqLMWithValueHeadCo
 from .export import EXPORT_FORMATS, ExportResult, export_model
 from .heads import ValueHead
 from .loading import HeadSource
-from .modeling import (
-    AutoModelForCausalLMWithValueHead,
-    AutoModelForSeq2SeqLMWithValueHead,
-    CausalLMOutputWithValue,
-    PreTrainedModelWrapper,
-    Seq2SeqLMOutputWithValue,
-)
+from .modeling import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead, PreTrainedModelWrapper
+from .outputs import CausalLMOutputWithValue, Seq2SeqLMOutputWithValue
 from .pipelines import ValueScoringPipeline
 from .reference import PolicyAndReferenceOutput, SharedTrunk, create_reference_model
 

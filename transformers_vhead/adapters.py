@@ -13,15 +13,19 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import AdapterMismatchError, AdapterNotFoundError, PeftConfigError
 from .loading import read_tensor_shapes, resolve_file
+from .peft_support import is_peft_config, is_peft_model, require_peft, without_peft
+
+if TYPE_CHECKING:
+    from peft import PeftConfig, PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # peft's names, safetensors first
@@ -61,7 +65,7 @@ def check_peft_config(peft_config: object) -> PeftConfig:
     Raises:
         PeftConfigError: it is not a `peft.PeftConfig`, or it is a prompt-learning config.
     """
-    if not isinstance(peft_config, PeftConfig):
+    if not is_peft_config(peft_config):
         raise PeftConfigError(
             f"peft_config must be a peft.PeftConfig such as peft.LoraConfig(...), got {type(peft_config).__name__}."
         )
@@ -77,7 +81,7 @@ def check_language_model(model: nn.Module) -> None:
         PeftConfigError: a `PeftModel` with a prompt-learning adapter, or a model whose adapters transformers injected
             in place (`model.load_adapter(...)` on the bare model), which would be saved as full weights.
     """
-    if isinstance(model, PeftModel):
+    if is_peft_model(model):
         for config in model.peft_config.values():
             check_peft_config(config)
     elif getattr(model, "_hf_peft_config_loaded", False):
@@ -91,10 +95,10 @@ def check_language_model(model: nn.Module) -> None:
 def add_adapter(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
     """Adds a fresh, trainable adapter to `model`, wrapping it in a `PeftModel` first if it is not one."""
     check_peft_config(peft_config)
-    if isinstance(model, PeftModel):
+    if is_peft_model(model):
         model.add_adapter(adapter_name, peft_config)
         return model
-    return get_peft_model(model, peft_config, adapter_name=adapter_name)
+    return require_peft("Adding a PEFT adapter").get_peft_model(model, peft_config, adapter_name=adapter_name)
 
 
 def find_adapter(model_id: str | os.PathLike, hub_kwargs: dict) -> tuple[str, str] | None:
@@ -157,7 +161,7 @@ def check_adapter_fits(model: nn.Module, weights_file: str, shapes: dict[str, tu
         AdapterMismatchError: a matrix targets a layer this model lacks, or its shape does not fit (the adapter was
             trained for another base model).
     """
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = without_peft(model)
     for key, shape in shapes.items():
         if ".lora_A." not in key and ".lora_B." not in key:
             continue
@@ -204,16 +208,19 @@ def load_adapter(
             [`check_peft_config`].
     """
     config_file, weights_file = require_adapter(model_id, hub_kwargs or {})
+    peft = require_peft(f"Loading the PEFT adapter at {model_id}")
     adapter_dir = os.path.dirname(config_file)  # local, or the hub cache's snapshot: no second lookup by peft
-    check_peft_config(PeftConfig.from_pretrained(adapter_dir))
+    check_peft_config(peft.PeftConfig.from_pretrained(adapter_dir))
     check_adapter_fits(model, weights_file, read_tensor_shapes(weights_file))
-    if isinstance(model, PeftModel):
+    if is_peft_model(model):
         model.load_adapter(adapter_dir, adapter_name, is_trainable=is_trainable)
         return model
-    return PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
+    return peft.PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
 
 
-def _tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
+def _tuner_layers(model: PeftModel) -> list[BaseTunerLayer]:
+    from peft.tuners.tuners_utils import BaseTunerLayer  # imported already: `model` is a PeftModel
+
     return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
 
 
@@ -256,7 +263,8 @@ def copy_adapter(model: PeftModel, source: str, target: str) -> None:
         raise ValueError(f"There is no adapter {source!r} to copy; the adapters are {list(model.peft_config)}.")
     if target in model.peft_config:
         raise ValueError(f"An adapter named {target!r} already exists; pick another name.")
-    config = PeftConfig.from_peft_type(**model.peft_config[source].to_dict())
+    peft_config_class = require_peft("Copying an adapter").PeftConfig
+    config = peft_config_class.from_peft_type(**model.peft_config[source].to_dict())
     with switched_adapter(model, source):  # add_adapter must not change which adapter is active or trainable
         model.add_adapter(target, config)
     parameters = dict(model.named_parameters())
@@ -280,7 +288,7 @@ class AdapterMethods:
     ref_adapter_name: str | None = None
 
     def _peft_model(self) -> PeftModel:
-        if not isinstance(self.pretrained_model, PeftModel):
+        if not is_peft_model(self.pretrained_model):
             raise ValueError("No adapter loaded. Please load an adapter first.")  # transformers' message
         return self.pretrained_model
 

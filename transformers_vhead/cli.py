@@ -39,16 +39,17 @@ def _hub_kwargs(cache_dir: str | None) -> dict:
 def _is_seq2seq(source: str, hub_kwargs: dict) -> bool:
     """Whether `source` holds an encoder-decoder model: its config.json says so, or, for a PEFT adapter without one,
     its base model's. `False` when no config is found: `from_pretrained` then says what is wrong with `source`."""
-    from peft import PeftConfig
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(source, **hub_kwargs)
     except (OSError, ValueError, KeyError):
         try:
+            from peft import PeftConfig
+
             base = PeftConfig.from_pretrained(source, **hub_kwargs).base_model_name_or_path
             config = AutoConfig.from_pretrained(base, **hub_kwargs)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, ImportError):  # ImportError: no peft, so no adapter to read
             return False
     return bool(getattr(config, "is_encoder_decoder", False))
 

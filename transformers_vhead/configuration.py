@@ -69,16 +69,26 @@ def resolve_hidden_size(config: PreTrainedConfig) -> int:
     if getattr(config, "is_encoder_decoder", False) and getattr(decoder, "hidden_size", None) is not None:
         return decoder.hidden_size
     raise HiddenSizeNotFoundError(
-        f"Cannot find the hidden size of {type(config).__name__} (model_type {config.model_type!r}): it sets none of "
+        f"Cannot find the hidden size of {type(config).__name__} (model_type "
+        f"{getattr(config, 'model_type', None)!r}): it sets none of "
         "`word_embed_proj_dim`, `hidden_size`, `text_config.hidden_size` or `decoder.hidden_size`. Set one of them "
         "on the config of the model you wrap."
     )
 
 
 def base_summary_dropout_prob(config: PreTrainedConfig) -> int | float:
-    """TRL's default head dropout for a wrapped model: its config's `summary_dropout_prob` when set, else 0.1."""
-    value = getattr(config, "summary_dropout_prob", None)
-    return 0.1 if value is None else value
+    """TRL's default head dropout for a wrapped model: its config's `summary_dropout_prob` when it has one (`None`
+    there, as in TRL, is no dropout), else 0.1."""
+    value = getattr(config, "summary_dropout_prob", 0.1)
+    return 0.0 if value is None else value
+
+
+def explicit_head_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Head settings given as keywords, with TRL's meaning of an explicit `summary_dropout_prob=None`: no dropout (TRL
+    built `nn.Identity` for any falsy probability). On the config, `None` means "not given": the default applies."""
+    if "summary_dropout_prob" in settings and settings["summary_dropout_prob"] is None:
+        settings = {**settings, "summary_dropout_prob": 0.0}
+    return settings
 
 
 def describe_v_head_init(strategy: str | None, initializer_range: float) -> str:

@@ -11,8 +11,9 @@ class TransformersVheadError(Exception):
     """Base class of every error raised by transformers-vhead."""
 
 
-class InvalidModelSourceError(TransformersVheadError, TypeError):
-    """`from_pretrained` got something that is neither a path, a hub id nor a model."""
+class InvalidModelSourceError(TransformersVheadError, TypeError, ValueError):
+    """`from_pretrained` got something that is neither a path, a hub id nor a model. A `TypeError`, and a `ValueError`
+    as TRL raised there."""
 
 
 class UnknownInitStrategyError(TransformersVheadError, ValueError):
@@ -45,6 +46,10 @@ class CorruptCheckpointError(TransformersVheadError, OSError):
 
 class PeftConfigError(TransformersVheadError, ValueError):
     """A `peft_config` (or an adapter) that cannot serve a value-head policy: not a `PeftConfig`, or prompt learning."""
+
+
+class PeftNotInstalledError(TransformersVheadError, ImportError):
+    """A PEFT feature (an adapter, `peft_config`, a reward adapter) was asked for, but peft is not installed."""
 
 
 class AdapterNotFoundError(TransformersVheadError, FileNotFoundError):

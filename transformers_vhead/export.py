@@ -18,7 +18,6 @@ from itertools import chain
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
@@ -26,6 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 from .configuration import base_summary_dropout_prob
 from .errors import ExportError
 from .loading import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY
+from .peft_support import is_peft_model, without_peft
 
 EXPORT_FORMATS = ("causal-lm", "seq2seq-lm", "seq-cls", "trl")
 
@@ -187,7 +187,7 @@ def _check_seq_cls(model: PreTrainedModel, drop_bias: bool, notes: list[str]) ->
 def _exported_language_model(model: PreTrainedModel, notes: list[str]) -> PreTrainedModel:
     """The wrapped language model; for a PEFT policy a copy with the policy adapter merged in (the others dropped)."""
     peft_model = model.pretrained_model
-    if not isinstance(peft_model, PeftModel):
+    if not is_peft_model(peft_model):
         return peft_model
     roles = {
         getattr(model, "rm_adapter_name", None): "the reward adapter",
@@ -310,10 +310,7 @@ def _unsaved_head_settings(model: PreTrainedModel, dropout: bool = True) -> list
 
 def _architecture(model: PreTrainedModel) -> str:
     """The wrapped language model's class name, e.g. `"LlamaForCausalLM"`."""
-    language_model = model.pretrained_model
-    if isinstance(language_model, PeftModel):
-        language_model = language_model.get_base_model()
-    return type(language_model).__name__
+    return type(without_peft(model.pretrained_model)).__name__
 
 
 def _as_list(value) -> list:

@@ -4,6 +4,7 @@ optionally a ReLU hidden layer before it (`v_head.hidden_layer.*`), the MLP head
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,6 +12,8 @@ from transformers import PreTrainedConfig
 from transformers import initialization as init
 
 from .configuration import base_summary_dropout_prob, resolve_hidden_size
+
+NOT_GIVEN: Any = object()  # `summary_dropout_prob=None` given means no dropout, as in TRL
 
 
 class ValueHead(nn.Module):
@@ -21,17 +24,20 @@ class ValueHead(nn.Module):
 
     Args:
         config: the wrapped model's config; the input width comes from [`resolve_hidden_size`].
-        summary_dropout_prob: dropout before the linear layer. `None` reads `config.summary_dropout_prob`, else 0.1
-            (TRL's default); 0 disables it.
+        summary_dropout_prob: dropout before the linear layer; 0 or `None` disables it. Not given: the config's
+            `summary_dropout_prob` when it has one, else 0.1 (TRL's default).
         hidden_size: the width of a ReLU hidden layer before the output layer (trlx's heads: twice the model's
             hidden size); `None`, the default, is TRL's single linear layer.
     """
 
     def __init__(
-        self, config: PreTrainedConfig, summary_dropout_prob: float | None = None, hidden_size: int | None = None
+        self,
+        config: PreTrainedConfig,
+        summary_dropout_prob: float | None = NOT_GIVEN,
+        hidden_size: int | None = None,
     ):
         super().__init__()
-        if summary_dropout_prob is None:
+        if summary_dropout_prob is NOT_GIVEN:
             summary_dropout_prob = base_summary_dropout_prob(config)
         self.dropout = nn.Dropout(summary_dropout_prob) if summary_dropout_prob else nn.Identity()
         width = resolve_hidden_size(config)

@@ -10,17 +10,16 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from peft import PeftConfig, PeftModel
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput, logging
 
 from .adapters import (
@@ -34,16 +33,18 @@ from .adapters import (
 )
 from .capture import final_hidden_state
 from .cards import render_model_card
+from .compat import CACHE_NAME
 from .configuration import (
     HEAD_SETTINGS,
     CausalLMWithValueHeadConfig,
     Seq2SeqLMWithValueHeadConfig,
     ValueHeadConfig,
     describe_v_head_init,
+    explicit_head_settings,
     resolve_hidden_size,
 )
 from .errors import HeadShapeMismatchError, InvalidModelSourceError, MissingLMHeadError, RewardAdapterError
-from .heads import ValueHead, init_linear
+from .heads import NOT_GIVEN, ValueHead, init_linear
 from .hub import push_to_hub
 from .loading import (
     ADAPTER_HEAD_NAMES,
@@ -57,78 +58,21 @@ from .loading import (
     hub_kwargs_of,
     read_value_head,
 )
+from .outputs import (
+    CausalLMOutputWithValue,
+    CausalLMOutputWithValueAndPast,
+    Seq2SeqLMOutputWithValue,
+    Seq2SeqLMOutputWithValueAndPast,
+)
+from .peft_support import is_peft_model, require_peft, without_peft
 from .reference import ReferenceMethods
 from .reward import RewardScoring
 from .saving import staged_save
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+
 logger = logging.get_logger(__name__)
-
-
-class _TRLUnpacking:
-    """Unpacking and integer indexing follow TRL's tuple, `(logits, loss, value)` (plus `past_key_values` when
-    `return_past_key_values=True`), with `None` kept in its place: `logits, loss, value = model(**inputs)` works with
-    or without labels. Attributes and string keys work as on any `ModelOutput`."""
-
-    _trl_fields: ClassVar[tuple[str, ...]] = ("logits", "loss", "value")
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(tuple(getattr(self, name) for name in self._trl_fields))
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return super().__getitem__(key)
-        return tuple(self)[key]
-
-
-@dataclass
-class CausalLMOutputWithValue(_TRLUnpacking, ModelOutput):
-    """Output of [`AutoModelForCausalLMWithValueHead`].
-
-    Args:
-        loss: the LM loss, when `labels` were given.
-        logits: LM logits `(batch, seq, vocab)`, fp32 unless `config.upcast_logits` is False; `None` from a value-only
-            call.
-        value: fp32 values `(batch, seq)`.
-        past_key_values: the cache, when one was used.
-        hidden_states, attentions: as the wrapped model returns them, when asked for.
-    """
-
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    value: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-
-
-@dataclass
-class CausalLMOutputWithValueAndPast(CausalLMOutputWithValue):
-    """[`CausalLMOutputWithValue`] that unpacks to `(logits, loss, value, past_key_values)`."""
-
-    _trl_fields: ClassVar[tuple[str, ...]] = ("logits", "loss", "value", "past_key_values")
-
-
-@dataclass
-class Seq2SeqLMOutputWithValue(_TRLUnpacking, ModelOutput):
-    """Output of [`AutoModelForSeq2SeqLMWithValueHead`]: as [`CausalLMOutputWithValue`], values from the decoder."""
-
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    value: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
-    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
-    encoder_last_hidden_state: torch.FloatTensor | None = None
-    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    encoder_attentions: tuple[torch.FloatTensor, ...] | None = None
-
-
-@dataclass
-class Seq2SeqLMOutputWithValueAndPast(Seq2SeqLMOutputWithValue):
-    """[`Seq2SeqLMOutputWithValue`] that unpacks to `(logits, loss, value, past_key_values)`."""
-
-    _trl_fields: ClassVar[tuple[str, ...]] = ("logits", "loss", "value", "past_key_values")
 
 
 class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, PreTrainedModel):
@@ -174,13 +118,13 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
         score_module = head_settings.pop("score_module", None)
         rm_adapter_name = head_settings.pop("rm_adapter_name", None)
         supports_rm_adapter = head_settings.pop("supports_rm_adapter", score_module is not None)
-        if isinstance(config, (PreTrainedModel, PeftModel)):
+        if isinstance(config, PreTrainedModel) or is_peft_model(config):
             pretrained_model = config
             check_language_model(pretrained_model)
             config = self.config_class(
                 text_config=pretrained_model.config,
                 base_model_name_or_path=pretrained_model.name_or_path or None,
-                **_head_settings(head_settings),
+                **explicit_head_settings(_head_settings(head_settings)),
             )
         elif head_settings or score_module is not None:
             raise TypeError(
@@ -201,7 +145,8 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
                 module._is_hf_initialized = True
         self.pretrained_model = pretrained_model
         config.text_config = pretrained_model.config  # one config object: changes through either side are seen by both
-        self.v_head = ValueHead(config.text_config, config.summary_dropout_prob, config.v_head_hidden_size)
+        dropout = NOT_GIVEN if config.summary_dropout_prob is None else config.summary_dropout_prob  # None: default
+        self.v_head = ValueHead(config.text_config, dropout, config.v_head_hidden_size)
         self.v_head_source = HeadSource(
             init=describe_v_head_init(config.v_head_init_strategy, config.v_head_initializer_range)
         )
@@ -223,7 +168,7 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
     @property
     def is_peft_model(self) -> bool:
         """Whether the wrapped model is a `peft.PeftModel` (TRL's attribute)."""
-        return isinstance(self.pretrained_model, PeftModel)
+        return is_peft_model(self.pretrained_model)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.pretrained_model.get_input_embeddings()
@@ -283,10 +228,7 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
 
     def generate(self, *args, **kwargs):
         """The wrapped model's `generate`: same tokens as the bare model, and the value head never runs."""
-        language_model = self.pretrained_model
-        if isinstance(language_model, PeftModel):
-            language_model = language_model.get_base_model()
-        language_model.generation_config = self.generation_config  # the one saved with this model
+        without_peft(self.pretrained_model).generation_config = self.generation_config  # the one saved with this model
         return self.pretrained_model.generate(*args, **kwargs)
 
     @classmethod
@@ -330,6 +272,7 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
         is_trainable = kwargs.pop("is_trainable", False)
         reward_adapter = kwargs.pop("reward_adapter", None)
         reward_adapter_name = kwargs.pop("reward_adapter_name", "reward_adapter")
+        kwargs = explicit_head_settings(kwargs)
         kwargs.pop("adapter_kwargs", None)  # the auto classes pass the adapter they found; it is found again below
         if peft_config is not None:
             check_peft_config(peft_config)
@@ -342,7 +285,7 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
 
         source = pretrained_model_name_or_path
         adapter = None
-        if isinstance(source, (PreTrainedModel, PeftModel)):
+        if isinstance(source, PreTrainedModel) or is_peft_model(source):
             loaded = cls(source, **kwargs).train(source.training)  # the head follows the wrapped model's mode
         elif not isinstance(source, (str, os.PathLike)):
             raise InvalidModelSourceError(
@@ -397,7 +340,19 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
         model = _model_of(loaded)
         if head is not None:
             model._finish_head_load(head)
+        model._own_head_memory()
         return loaded
+
+    @torch.no_grad()
+    def _own_head_memory(self) -> None:
+        """Gives the head's tensors memory of their own. Loaded ones are memory-mapped from the checkpoint, at an offset
+        that may be unaligned, where BLAS can take another path and values differ from the saved model's by an ulp;
+        the head is tiny, so a copy costs nothing. Parameters not materialised here (meta, ZeRO-3 shards) are left."""
+        if is_deepspeed_zero3_enabled():
+            return
+        for parameter in self.v_head.parameters():
+            if parameter.device.type != "meta":
+                parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
 
     def _finish_head_load(self, head: CheckpointHead) -> None:
         """After transformers' load: reads a head kept in a file of its own, zeroes the bias a bias-free head (a
@@ -429,7 +384,8 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
     ):
         """The base model named by the adapter's config, the adapter on it, and the value head saved next to it."""
         adapter_dir = os.path.dirname(adapter_config_file)
-        base = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+        peft = require_peft(f"Loading the PEFT adapter at {adapter_id}")
+        base = peft.PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
         if not base:
             raise InvalidModelSourceError(
                 f"The adapter at {adapter_id} names no base model (base_model_name_or_path is empty in its "
@@ -556,6 +512,7 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper, GenerationMixin)
         attention_mask: torch.Tensor | None = None,
         return_past_key_values: bool = False,
         *,
+        cache: Cache | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -568,8 +525,10 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper, GenerationMixin)
         TRL's, in TRL's order.
 
         Args:
-            input_ids, past_key_values, attention_mask, position_ids, inputs_embeds, labels, use_cache: as for the
-                wrapped model (`labels` gives the LM `loss`).
+            input_ids, attention_mask, position_ids, inputs_embeds, labels, use_cache: as for the wrapped model
+                (`labels` gives the LM `loss`).
+            past_key_values, cache: the cache, under either name (transformers 5.24 renamed `past_key_values` to
+                `cache`); it reaches the wrapped model under the installed transformers' name.
             return_past_key_values (`bool`, defaults to `False`): TRL's flag; the output then also unpacks to the
                 cache: `logits, loss, value, past_key_values = model(...)`.
             return_logits (`bool`, defaults to `True`): `False` is the value-only call of a critic or reward model:
@@ -578,11 +537,11 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper, GenerationMixin)
 
         Returns:
             [`CausalLMOutputWithValue`]: `logits` (fp32 unless `config.upcast_logits` is off), `loss`, `value`
-            `(batch, seq)` fp32, `past_key_values` when a cache was used; TRL's tuple with `return_dict=False`.
+            `(batch, seq)` fp32, the cache when one was used; TRL's tuple with `return_dict=False`.
         """
         inputs = dict(
             input_ids=input_ids,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: _one_cache(past_key_values, cache)},
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
@@ -609,6 +568,7 @@ class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper, GenerationMixin
         attention_mask: torch.Tensor | None = None,
         return_past_key_values: bool = False,
         *,
+        cache: Cache | None = None,
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_outputs: tuple | ModelOutput | None = None,
@@ -626,7 +586,7 @@ class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper, GenerationMixin
         """
         inputs = dict(
             input_ids=input_ids,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: _one_cache(past_key_values, cache)},
             attention_mask=attention_mask,
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,
@@ -638,6 +598,12 @@ class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper, GenerationMixin
             **kwargs,
         )
         return self._forward_with_value(inputs, return_past_key_values, return_logits)
+
+
+def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    if past_key_values is not None and cache is not None:
+        raise ValueError("Pass the cache once, as `cache` or as `past_key_values` (its name before transformers 5.24).")
+    return cache if cache is not None else past_key_values
 
 
 def _model_of(loaded):

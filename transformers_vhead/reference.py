@@ -456,8 +456,10 @@ class ReferenceMethods:
         kl = output.logprobs - output.ref_logprobs
         ```
         """
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("forward_with_reference scores whole sequences and takes no past_key_values.")
+        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+            raise ValueError(
+                "forward_with_reference scores whole sequences and takes no cache (`cache` / `past_key_values`)."
+            )
         kwargs.pop("return_dict", None)
         tokens = self._scored_tokens(input_ids, kwargs) if return_logprobs else None  # checked before any forward
         inputs = {**kwargs, "input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}

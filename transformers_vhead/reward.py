@@ -11,9 +11,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from typing import TYPE_CHECKING
 
 import torch
-from peft import PeftModel
 from torch import nn
 from transformers.utils import logging
 
@@ -23,6 +23,10 @@ from .configuration import resolve_hidden_size
 from .errors import AdapterMismatchError, EmptySequenceError, MissingScoreHeadError, RewardAdapterError
 from .heads import ScoreHead
 from .loading import hub_kwargs_of, read_tensor_shapes, read_tensors, resolve_file
+from .peft_support import is_peft_model, require_peft, without_peft
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 logger = logging.get_logger(__name__)
 
@@ -75,7 +79,8 @@ def load_reward_adapter(
             f"reward_adapter must be a local path or a hub id of a saved reward adapter, got "
             f"{type(adapter_model_id).__name__}."
         )
-    if not isinstance(model, PeftModel):
+    require_peft("A reward adapter")
+    if not is_peft_model(model):
         raise RewardAdapterError(
             "A reward adapter sits next to the policy's adapter on the same base weights, so it needs a PEFT policy: "
             "load the model with `peft_config=...` (or from a saved adapter), then add the reward adapter."
@@ -119,8 +124,7 @@ def last_token_indices(attention_mask: torch.Tensor) -> torch.LongTensor:
 
 
 def _takes_position_ids(model: nn.Module) -> bool:
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    return "position_ids" in inspect.signature(base.forward).parameters
+    return "position_ids" in inspect.signature(without_peft(model).forward).parameters
 
 
 class RewardScoring:
