@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmarks import cases
+from benchmarks import cases, startup
 from benchmarks.report import Cell, checks, reference_notes, spread, summary, table
 from benchmarks.rows import BARE, LAYERS_DOMINATE, OURS, POLICY_AND_REFERENCE, REFERENCE_MEMORY, ROWS, TRL, Target
 from benchmarks.run import main, trl_version
@@ -205,3 +205,28 @@ def test_time_ratios_pair_the_processes_of_each_round():
     assert ours.time_ratio(bare) == pytest.approx(1.02)
     assert (ours.median, bare.median) == (2.0, 1.0)
     assert spread({"forward": {BARE: bare, OURS: ours}}, None) == "- forward: transformers-vhead 1.02-2.00x"
+
+
+def test_startup_table_checks_the_import_against_its_floor_and_the_command_in_seconds():
+    all_cases = startup.cases()
+    medians = {case.name: 0.05 for case in all_cases}
+    medians.update({"import what registration needs": 4.0, "import transformers_vhead": 4.4})
+
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in startup.table(medians, all_cases).splitlines()}
+
+    assert "1.10x import what registration needs | MISS (<= 1.05x)" in lines["import transformers_vhead"]
+    assert "| 0.05 s |  | PASS (<= 1.00 s) |" in lines["transformers-vhead --help"]
+    assert lines["python -c pass"].endswith("| 0.05 s |  |  |")
+
+
+def test_startup_runs_every_case_in_fresh_processes():
+    process = subprocess.run(
+        [sys.executable, "-m", "benchmarks.startup", "--rounds", "1"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert process.returncode == 0, process.stderr
+    rows = [line for line in process.stdout.splitlines() if line.startswith("| ") and " s |" in line]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == [case.name for case in startup.cases()]

@@ -11,8 +11,9 @@ import torch
 from conftest import build_bare, model_inputs, policy_lora, populate_hub_cache
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+import transformers_vhead
 from transformers_vhead import AutoModelForCausalLMWithValueHead
-from transformers_vhead.cli import main
+from transformers_vhead_cli import EXPORT_FORMATS, main
 
 COMMANDS = ("demo", "inspect", "convert", "export", "score")
 TEXTS = ["the critic says this answer is good", "bad", "a very poor answer", "the policy learns", "great"]
@@ -354,6 +355,29 @@ def test_usage_errors_exit_2(capsys):
         main(["score", "model", "--input", "texts.txt", "--batch-size", "0"])
     assert exit_info.value.code == 2
     assert "must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["export", "--help"], ["score", "model"], ["inspect"], ["nonsense"]])
+def test_help_and_usage_errors_import_neither_torch_nor_the_package(argv):
+    """They answer at once: the command parses its arguments before anything heavy is imported."""
+    script = (
+        "import json, sys, transformers_vhead_cli\n"
+        "try:\n"
+        f"    transformers_vhead_cli.main({argv!r})\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        "heavy = [name for name in ('torch', 'transformers', 'transformers_vhead', 'peft') if name in sys.modules]\n"
+        "print(json.dumps([code, heavy]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+
+    code, heavy = json.loads(result.stdout.strip().splitlines()[-1])
+    assert code == (0 if "--help" in argv else 2) and heavy == []
+    assert ("usage: transformers-vhead" in result.stdout) if "--help" in argv else ("error:" in result.stderr)
+
+
+def test_the_commands_export_formats_are_the_packages():
+    assert EXPORT_FORMATS == transformers_vhead.EXPORT_FORMATS
 
 
 @pytest.mark.parametrize(

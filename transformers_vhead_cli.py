@@ -1,7 +1,9 @@
 """The `transformers-vhead` command: `demo`, `inspect`, `convert`, `export` and `score`.
 
-Each subcommand is one function that takes the parsed arguments and returns the exit code. Heavy modules (torch,
-transformers, peft) are imported inside the functions. An error the user can act on is printed as one line,
+It lives beside the `transformers_vhead` package, not in it: importing the package registers its classes with
+transformers, which imports torch and transformers (seconds), so the command parses its arguments first and imports the
+package only to run one; `--help` and usage errors answer at once. Each subcommand is one function that takes the
+parsed arguments and returns the exit code. An error the user can act on is printed as one line,
 `transformers-vhead: error: <message>`, with exit code 1 (argparse's usage errors keep 2); `--debug` re-raises it with
 its traceback.
 """
@@ -20,13 +22,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import TransformersVheadError, WrongModelKindError
-from .export import EXPORT_FORMATS  # the package is imported anyway (torch, transformers): `--help` costs ~4 s
-
 PROG = "transformers-vhead"
 
-# Errors printed as one line. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (TransformersVheadError, OSError, ValueError, KeyError, ImportError)
+# Errors printed as one line (every error of transformers_vhead.errors is one of these too). Anything else is a bug and
+# keeps its traceback.
+USER_ERRORS = (OSError, ValueError, KeyError, ImportError)
+
+# transformers_vhead.EXPORT_FORMATS, written out so that `--help` imports nothing heavy (a test keeps them equal).
+EXPORT_FORMATS = ("causal-lm", "seq2seq-lm", "seq-cls", "trl")
 
 
 # --- loading -------------------------------------------------------------------------------------------------------
@@ -57,7 +60,7 @@ def _is_seq2seq(source: str, hub_kwargs: dict) -> bool:
 def load_model(source: str, cache_dir: str | None = None):
     """The value-head model at `source`, on CPU: a directory saved by this package, a plain LM, a peer checkpoint, a
     PEFT adapter, or a hub id in the local cache. The seq2seq class when the (base) config is encoder-decoder."""
-    from .modeling import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
+    from transformers_vhead import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
 
     hub_kwargs = _hub_kwargs(cache_dir)
     if _is_seq2seq(source, hub_kwargs):
@@ -221,7 +224,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     _check_destination(args.dst)
-    from .export import export_model
+    from transformers_vhead import export_model
 
     model = load_model(args.src, args.cache_dir)
     result = export_model(model, args.dst, args.to, drop_bias=args.drop_bias)
@@ -250,6 +253,8 @@ def _read_texts(path: str) -> list[tuple[int, str]]:
 
 def _score(args: argparse.Namespace) -> int:
     from tqdm import tqdm
+
+    from transformers_vhead.errors import WrongModelKindError
 
     texts = _read_texts(args.input)
     if _is_seq2seq(args.model, _hub_kwargs(args.cache_dir)):
@@ -298,7 +303,7 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from transformers_vhead.demo import run_demo
 
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="transformers-vhead-demo-")
     result = run_demo(output_dir)
