@@ -131,9 +131,11 @@ def _layer_counts(text_config) -> tuple[int | None, int | None]:
 
 def describe_model(model, source: str, cache_dir: str | None = None) -> dict:
     """What `inspect` prints: a dict of JSON values, groups of settings as nested dicts."""
+    from transformers_vhead.peft_support import without_peft
+
     config, head = model.config, model.v_head
     text_config = config.text_config
-    language_model = model.pretrained_model.get_base_model() if model.is_peft_model else model.pretrained_model
+    language_model = without_peft(model.pretrained_model)
     hidden_layer = getattr(head, "hidden_layer", None)
     layers, encoder_layers = _layer_counts(text_config)
     disk = _files_on_disk(source, cache_dir)
