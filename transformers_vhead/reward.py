@@ -130,6 +130,20 @@ def _takes_position_ids(model: nn.Module) -> bool:
 class RewardScoring:
     """The scoring methods of the value-head models (mixed into `PreTrainedModelWrapper`)."""
 
+    @property
+    def score(self) -> nn.Module:
+        """The head of the critic protocol: the reward adapter's `score` head when the model has one (TRL's
+        attribute), else the value head.
+
+        RL code written for transformers' sequence / token classifiers (TRL's `PPOTrainer` and `get_reward`, verl,
+        OpenRLHF) runs `getattr(model, model.base_model_prefix)(..., output_hidden_states=True)` and then
+        `model.score(hidden_states[-1])`: for this model that is the wrapped LM, then this head, so the values equal
+        `compute_values`. The protocol does not switch adapters: with a reward adapter, call `compute_sequence_scores`
+        instead. A property, not a second module: nothing is saved or counted twice.
+        """
+        reward_head = self._modules.get(SCORE_MODULE)
+        return self.v_head if reward_head is None else reward_head
+
     @classmethod
     def add_and_load_reward_modeling_adapter(
         cls, pretrained_model: PeftModel, adapter_model_id: str, adapter_name: str = "reward_model_adapter", token=None
