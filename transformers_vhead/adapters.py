@@ -9,6 +9,7 @@ to the language model, and a saved policy adapter is an ordinary adapter of the 
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from collections.abc import Iterator
@@ -30,6 +31,16 @@ if TYPE_CHECKING:
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # peft's names, safetensors first
 PEFT_KEY_PREFIX = "base_model.model."  # what peft puts before the language model's own parameter names
+# `from_pretrained`'s keywords for `peft.prepare_model_for_kbit_training`, which TRL took out of the loading keywords
+KBIT_TRAINING_KEYWORDS = ("use_gradient_checkpointing", "gradient_checkpointing_kwargs", "auto_clear_cache")
+# what transformers' quantizers set on the model they load, and peft reads on the model it adapts
+QUANTIZATION_ATTRIBUTES = (
+    "is_loaded_in_8bit",
+    "is_loaded_in_4bit",
+    "quantization_method",
+    "is_quantized",
+    "hf_quantizer",
+)
 
 _PROMPT_LEARNING_REASON = (
     "prompt-learning adapters (prompt tuning, prefix tuning, p-tuning) prepend virtual tokens, so the hidden states no "
@@ -92,13 +103,42 @@ def check_language_model(model: nn.Module) -> None:
         )
 
 
-def add_adapter(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
-    """Adds a fresh, trainable adapter to `model`, wrapping it in a `PeftModel` first if it is not one."""
+def add_adapter(
+    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", kbit_training: dict | None = None
+) -> PeftModel:
+    """Adds a fresh, trainable adapter to `model`, wrapping it in a `PeftModel` first if it is not one.
+
+    Args:
+        kbit_training: `from_pretrained`'s route (TRL's): a model loaded in 8 or 4 bits (bitsandbytes) is first
+            prepared with `peft.prepare_model_for_kbit_training(model, **kbit_training)` (base frozen, non-quantized
+            weights upcast to fp32, gradient checkpointing on unless `use_gradient_checkpointing=False`). `None`: never
+            (transformers' `add_adapter` does not prepare either).
+    """
     check_peft_config(peft_config)
     if is_peft_model(model):
         model.add_adapter(adapter_name, peft_config)
         return model
-    return require_peft("Adding a PEFT adapter").get_peft_model(model, peft_config, adapter_name=adapter_name)
+    peft = require_peft("Adding a PEFT adapter")
+    if kbit_training is not None and is_loaded_in_kbit(model):
+        accepted = inspect.signature(peft.prepare_model_for_kbit_training).parameters
+        model = peft.prepare_model_for_kbit_training(
+            model, **{key: value for key, value in kbit_training.items() if key in accepted}
+        )
+    return peft.get_peft_model(model, peft_config, adapter_name=adapter_name)
+
+
+def is_loaded_in_kbit(model: nn.Module) -> bool:
+    """Whether `model` was loaded in 8 or 4 bits by bitsandbytes: the attributes TRL and peft read."""
+    return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
+
+
+def share_quantization_state(wrapper: nn.Module, language_model: nn.Module) -> None:
+    """Copies the quantization attributes transformers sets on the model it loads (here the value-head model) to the
+    wrapped language model, where peft reads them: `prepare_model_for_kbit_training`, and the LoRA layers chosen for
+    bitsandbytes' `Linear8bitLt` / `Linear4bit`, look at the model they are given."""
+    for name in QUANTIZATION_ATTRIBUTES:
+        if name in vars(wrapper) and name not in vars(language_model):
+            setattr(language_model, name, getattr(wrapper, name))
 
 
 def find_adapter(model_id: str | os.PathLike, hub_kwargs: dict) -> tuple[str, str] | None:

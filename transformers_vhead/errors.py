@@ -100,3 +100,13 @@ class NotInOfflineCacheError(TransformersVheadError, OSError):
 class ExportError(TransformersVheadError, ValueError):
     """A model cannot be written in the asked format without losing something (e.g. a head bias a SeqCls head has no
     place for), or the format does not fit the model (a seq2seq model as a causal LM)."""
+
+
+class DeviceMapError(TransformersVheadError, ValueError):
+    """A `device_map` dict that does not place this model's modules: it names modules of the bare language model
+    (without the `pretrained_model.` prefix), or gives no device for the value head `v_head`."""
+
+
+class ZeRO3ShardsSaveError(TransformersVheadError, ValueError):
+    """`save_pretrained` without a `state_dict` on a model whose parameters are DeepSpeed ZeRO-3 shards (empty on each
+    rank): the checkpoint would hold 0-element tensors."""

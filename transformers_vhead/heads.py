@@ -81,7 +81,8 @@ def init_linear(layer: nn.Linear, strategy: str | None, initializer_range: float
         init.zeros_(bias)
     else:
         init.kaiming_uniform_(weight, a=math.sqrt(5))
-        bound = 1 / math.sqrt(weight.shape[1])
+        # fan-in from the layer, not the tensor: under ZeRO-3 a weight already loaded is left as an empty shard
+        bound = 1 / math.sqrt(layer.in_features)
         init.uniform_(bias, -bound, bound)
 
 

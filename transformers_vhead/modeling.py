@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -23,6 +24,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput, logging
 
 from .adapters import (
+    KBIT_TRAINING_KEYWORDS,
     AdapterLock,
     AdapterMethods,
     add_adapter,
@@ -30,8 +32,9 @@ from .adapters import (
     check_peft_config,
     find_adapter,
     load_adapter,
+    share_quantization_state,
 )
-from .capture import final_hidden_state
+from .capture import final_hidden_state, install_capture_hook
 from .cards import render_model_card
 from .compat import CACHE_NAME
 from .configuration import (
@@ -43,7 +46,14 @@ from .configuration import (
     explicit_head_settings,
     resolve_hidden_size,
 )
-from .errors import HeadShapeMismatchError, InvalidModelSourceError, MissingLMHeadError, RewardAdapterError
+from .distributed import gather_for_save, refuse_zero3_shards, wait_for_writer, writes_checkpoint
+from .errors import (
+    DeviceMapError,
+    HeadShapeMismatchError,
+    InvalidModelSourceError,
+    MissingLMHeadError,
+    RewardAdapterError,
+)
 from .heads import NOT_GIVEN, ValueHead, init_linear
 from .hub import push_to_hub
 from .loading import (
@@ -93,6 +103,7 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
     _supports_attention_backend = True
     _keys_to_ignore_on_load_missing = [r"^v_head\."]  # a fresh head is reported by `v_head_source`, not as "missing"
     _keep_in_fp32_modules_strict = ["v_head"]
+    _keep_in_fp32_modules = ["v_head"]  # what transformers' quantizers (bitsandbytes, ...) leave unquantized
 
     transformers_parent_class: ClassVar[type | None] = None
     supported_args: ClassVar[tuple[str, ...]] = (
@@ -156,6 +167,7 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
         if score_module is not None:
             self.score = score_module
         self.post_init()
+        install_capture_hook(pretrained_model.get_decoder())  # before any call: a compiled first call needs it there
         if pretrained_model.device.type != "meta":
             self.v_head.to(pretrained_model.get_output_embeddings().weight.device)
 
@@ -186,6 +198,14 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
         """Resizes the wrapped model's embeddings exactly as on the bare model (`config.vocab_size` follows)."""
         return self.pretrained_model.resize_token_embeddings(*args, **kwargs)
 
+    def _move_missing_keys_from_meta_to_device(self, missing_keys, device_map: dict | None, *args, **kwargs) -> None:
+        # transformers materialises the weights a checkpoint lacks (a fresh head) after it offloaded the checkpoint's
+        # weights to disk, so a fresh head mapped to "disk" would have no weights there at the first forward. It is
+        # kept with the LM head instead (it is hidden_size + 1 numbers); the map is the one accelerate dispatches with.
+        if device_map is not None and any(str(key).startswith("v_head.") for key in missing_keys):
+            _keep_fresh_head_off_disk(self, device_map)
+        return super()._move_missing_keys_from_meta_to_device(missing_keys, device_map, *args, **kwargs)
+
     def _forward_with_value(self, inputs: dict[str, Any], return_past_key_values: bool, return_logits: bool):
         """The forward of both classes: the wrapped model once, the head on the final hidden state it captured."""
         return_dict = inputs.pop("return_dict", True)
@@ -197,7 +217,10 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
         with final_hidden_state(self.pretrained_model.get_decoder(), stop=not return_logits) as captured:
             base_output = self.pretrained_model(**inputs)
         last_hidden_state = captured[-1]
-        value = self.v_head(last_hidden_state.to(self.v_head.summary.weight.device)).squeeze(-1)
+        head_device = self.v_head.summary.weight.device
+        if head_device.type != "meta":  # a head offloaded by accelerate is on meta; its hook moves the input itself
+            last_hidden_state = last_hidden_state.to(head_device)
+        value = self.v_head(last_hidden_state).squeeze(-1)
 
         output_class = self._output_class_with_past if return_past_key_values else self._output_class
         fields = {"value": value}
@@ -274,8 +297,11 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
         reward_adapter_name = kwargs.pop("reward_adapter_name", "reward_adapter")
         kwargs = explicit_head_settings(kwargs)
         kwargs.pop("adapter_kwargs", None)  # the auto classes pass the adapter they found; it is found again below
+        kbit_training = {key: kwargs.pop(key) for key in KBIT_TRAINING_KEYWORDS if key in kwargs}  # TRL's
         if peft_config is not None:
             check_peft_config(peft_config)
+        if "device_map" in kwargs:  # a dict is copied: the head's entry may be adjusted in it while loading
+            kwargs["device_map"] = _check_device_map(kwargs["device_map"], cls.__name__)
         if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):
             raise RewardAdapterError(
                 f"reward_adapter must be a local path or a hub id of a saved reward adapter, got "
@@ -309,7 +335,7 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
                     "base model to train a fresh adapter."
                 )
             else:
-                model.pretrained_model = add_adapter(model.pretrained_model, peft_config)
+                model.pretrained_model = add_adapter(model.pretrained_model, peft_config, kbit_training=kbit_training)
         if reward_adapter is not None:
             model._attach_reward_adapter(reward_adapter, reward_adapter_name, kwargs)
         model._report_head_source(source)
@@ -338,6 +364,7 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
                 _check_head_shape(head, config.text_config, hidden_layer_size)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = _model_of(loaded)
+        share_quantization_state(model, model.pretrained_model)  # before any adapter: peft reads it there
         if head is not None:
             model._finish_head_load(head)
         model._own_head_memory()
@@ -363,13 +390,14 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
                 for conversion in getattr(self, "_weight_conversions", [])
                 if not set(conversion._original_source_patterns) & set(head.key_mapping)
             ]
-        if head.separate_file:
-            state_dict = read_value_head(head.file)
-            device = self.v_head.summary.weight.device
-            self.v_head.load_state_dict({key: tensor.to(device) for key, tensor in state_dict.items()})
-        elif not head.has_bias:
-            with torch.no_grad():
-                self.v_head.summary.bias.zero_()
+        with _whole_head(self.v_head):
+            if head.separate_file:
+                state_dict = read_value_head(head.file)
+                device = self.v_head.summary.weight.device
+                self.v_head.load_state_dict({key: tensor.to(device) for key, tensor in state_dict.items()})
+            elif not head.has_bias:
+                with torch.no_grad():
+                    self.v_head.summary.bias.zero_()
         self.v_head_source = HeadSource(file=head.file, layout=head.layout)
         if not head.has_lm_head and self.get_output_embeddings().weight is not self.get_input_embeddings().weight:
             logger.warning(
@@ -440,14 +468,18 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
         reference adapter are not saved: they are inputs of training, loaded again with `reward_adapter=` and
         `copy_adapter_as_reference()`.
         """
+        state_dict, gathered = gather_for_save(self, state_dict)  # FSDP2's shards: a collective of every rank
+        is_main_process = writes_checkpoint(is_main_process)
         save_kwargs = dict(state_dict=state_dict, max_shard_size=max_shard_size, variant=variant, **kwargs)
         if not is_main_process:  # writes nothing, but takes part in gathering a distributed state dict
             if not self.is_peft_model:
                 super().save_pretrained(save_directory, is_main_process=False, **save_kwargs)
+            wait_for_writer(gathered)
             return
+        refuse_zero3_shards(self, state_dict)  # the writer only: the other ranks of accelerate's idiom pass None
         with staged_save(save_directory, variant=variant) as staging:
             if self.is_peft_model:
-                self._save_policy_adapter(staging)
+                self._save_policy_adapter(staging, state_dict)
             else:
                 super().save_pretrained(staging, **save_kwargs)
             if overwrite_model_card or not os.path.exists(os.path.join(save_directory, "README.md")):
@@ -456,6 +488,7 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
                     self.config, str(save_directory), self.v_head_source, self.name_or_path, adapter
                 )
                 card.save(staging / "README.md")
+        wait_for_writer(gathered)
         if push_to_hub:
             hub_keywords = ("commit_message", "private", "token", "revision", "create_pr")
             self.push_to_hub(
@@ -469,7 +502,9 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
         """`PreTrainedModel.push_to_hub`, with this package's model card: see [`transformers_vhead.hub.push_to_hub`]."""
         return push_to_hub(self, repo_id, overwrite_model_card=overwrite_model_card, **kwargs)
 
-    def _save_policy_adapter(self, directory) -> None:
+    def _save_policy_adapter(self, directory, state_dict: dict | None = None) -> None:
+        """`state_dict`: this model's tensors to write (gathered from FSDP2's shards, or accelerate's `get_state_dict`)
+        instead of its parameters'."""
         peft_model = self.pretrained_model
         names = [name for name in peft_model.peft_config if name not in (self.rm_adapter_name, self.ref_adapter_name)]
         base = self.name_or_path
@@ -477,9 +512,11 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
             base = os.path.abspath(base) if os.path.isdir(base) else base
             for name in names:
                 peft_model.peft_config[name].base_model_name_or_path = base
-        peft_model.save_pretrained(directory, selected_adapters=names, safe_serialization=True)
+        peft_state = None if state_dict is None else _under(state_dict, "pretrained_model.")
+        peft_model.save_pretrained(directory, selected_adapters=names, safe_serialization=True, state_dict=peft_state)
         Path(directory, "README.md").unlink(missing_ok=True)  # peft's card; ours is written when the directory has none
-        head = {f"v_head.{key}": tensor.detach().cpu().contiguous() for key, tensor in self.v_head.state_dict().items()}
+        head_state = self.v_head.state_dict() if state_dict is None else _under(state_dict, "v_head.")
+        head = {f"v_head.{key}": tensor.detach().cpu().contiguous() for key, tensor in head_state.items()}
         save_file(head, os.path.join(directory, ADAPTER_HEAD_NAMES[0]), metadata={"format": "pt"})
         self.config.save_pretrained(directory)
         if self.can_generate():
@@ -598,6 +635,81 @@ class AutoModelForSeq2SeqLMWithValueHead(PreTrainedModelWrapper, GenerationMixin
             **kwargs,
         )
         return self._forward_with_value(inputs, return_past_key_values, return_logits)
+
+
+def _under(state_dict: dict, prefix: str) -> dict:
+    """The entries of `state_dict` under `prefix`, named without it."""
+    return {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
+
+
+def _whole_head(head: nn.Module):
+    """The head's full tensors for the block. Under ZeRO-3 its parameters are empty shards outside the block: every
+    rank gathers them (every rank loads the model, so every rank is here), and rank 0's values are partitioned again
+    after it. Parameters that are not DeepSpeed's (a model built before ZeRO-3 was on) are left as they are."""
+    if not is_deepspeed_zero3_enabled():
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=0)
+
+
+def _is_under(name: str, module: str) -> bool:
+    """Whether `name` is `module` or inside it (a device map's key `""` holds everything)."""
+    return not module or name == module or name.startswith(module + ".")
+
+
+def _mapped_device(device_map: dict, name: str):
+    """The device `device_map` gives to the parameter or module `name`: its most specific key's."""
+    keys = [key for key in device_map if _is_under(name, key)]
+    return device_map[max(keys, key=len)] if keys else None
+
+
+def _check_device_map(device_map, model_name: str):
+    """A copy of a `device_map` dict (anything else as it is), rejected before anything is loaded when it does not
+    place this model's modules.
+
+    Raises:
+        DeviceMapError: a key names no module of the value-head model (a map written for the bare LM), or no key
+            gives the value head a device.
+    """
+    if not isinstance(device_map, dict):
+        return device_map
+    keys = [str(key) for key in device_map]
+    foreign = [key for key in keys if key and not _is_under(key, "pretrained_model") and not _is_under(key, "v_head")]
+    if foreign:
+        raise DeviceMapError(
+            f"device_map names {foreign}, which are not modules of {model_name}: the language model is under "
+            "`pretrained_model` and the value head is `v_head`. A device map written for the bare model (as TRL "
+            f"took it) needs `pretrained_model.` before each key, e.g. {'pretrained_model.' + foreign[0]!r}, and an "
+            "entry for 'v_head'; `model.hf_device_map` of a model loaded with device_map='auto' shows the names."
+        )
+    if "" not in keys and not any(_is_under(key, "v_head") for key in keys):
+        raise DeviceMapError(
+            "device_map gives no device for the value head: add 'v_head': <device>, the device of the wrapped "
+            "model's LM head and final norm (the head reads the decoder's final hidden state), or use '' for "
+            "everything not named."
+        )
+    return dict(device_map)
+
+
+def _keep_fresh_head_off_disk(model: PreTrainedModelWrapper, device_map: dict) -> None:
+    """Maps a fresh head that `device_map` puts on "disk" to the LM head's device (accelerate's main device when the
+    LM head is on disk too), in place."""
+    head_keys = [f"v_head.{name}" for name, _ in model.v_head.named_parameters()]
+    if all(_mapped_device(device_map, key) != "disk" for key in head_keys):
+        return
+    output_embeddings = model.get_output_embeddings()
+    lm_head = next((name for name, module in model.named_modules() if module is output_embeddings), None)
+    device = None if lm_head is None else _mapped_device(device_map, f"{lm_head}.weight")
+    if device in (None, "disk"):
+        accelerators = list(set(device_map.values()) - {"cpu", "disk"})  # accelerate's main device, the same way
+        device = accelerators[0] if accelerators else "cpu"
+    for key in [key for key in device_map if _is_under(str(key), "v_head")]:
+        del device_map[key]
+    if "" in device_map:  # accelerate cannot keep a module in memory inside one it offloads: name the LM instead
+        device_map.setdefault("pretrained_model", device_map.pop(""))
+    device_map["v_head"] = device
+    logger.info(f"The fresh value head is placed on {device!r}, not offloaded to disk: it is not in the checkpoint.")
 
 
 def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:

@@ -93,7 +93,7 @@ def create_reference_model(
 
     Raises:
         ReferenceModelError: `num_shared_layers` out of range, a `pattern` that matches no parameter, or DeepSpeed
-            ZeRO-3 (load the reference with `from_pretrained` instead).
+            ZeRO-3 (load the reference with `from_pretrained` instead, or use `as_reference()` of a PEFT policy).
         LayerStackNotFoundError: `num_shared_layers` without `pattern` on a model with no recognisable layer stack.
 
     Example:
@@ -104,10 +104,15 @@ def create_reference_model(
     ```
     """
     if is_deepspeed_zero3_enabled():
+        # Refused before anything is touched: each rank holds an empty shard of every parameter, so a deep copy
+        # would copy shards the engine does not know, and the trace that finds the shared layers cannot run.
         raise ReferenceModelError(
             "DeepSpeed ZeRO-3 is enabled and is not compatible with `create_reference_model()`: the parameters are "
-            "partitioned across processes and cannot be copied. Load the reference model directly with "
-            "`AutoModelForCausalLM.from_pretrained()` (or the value-head class's `from_pretrained`)."
+            "partitioned across processes, so they can be neither copied nor shared. Load the reference model "
+            "directly with `AutoModelForCausalLM.from_pretrained()` (or the value-head class's `from_pretrained`) "
+            "and prepare it with the engine as well; or, for a PEFT policy, take the reference from the same model "
+            "with `with model.as_reference():` (the base model, or the adapter kept by "
+            "`model.copy_adapter_as_reference()`, called before `deepspeed.initialize` / `accelerator.prepare`)."
         )
     if num_shared_layers is None:
         reference = copy.deepcopy(model)
