@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -15,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from transformers_vhead import AutoModelForCausalLMWithValueHead, create_reference_model
 
-from .rows import BARE, BF16_NO_UPCAST, OURS, POLICY_AND_REFERENCE, REFERENCE_MEMORY, TRL
+from .rows import BARE, BF16_NO_UPCAST, DDP_STEP, OURS, POLICY_AND_REFERENCE, REFERENCE_MEMORY, TRL
 from .workload import Workload
 
 REWARD_ADAPTER = "reward-adapter"  # the reward row's adapter, saved next to the checkpoints of the load row
@@ -167,8 +168,35 @@ def policy_and_reference(implementation: str, workload: Workload, batch: dict) -
     return lambda: (policy(**batch, use_cache=False), reference(**batch, use_cache=False))
 
 
+def ddp_step(implementation: str, workload: Workload) -> Callable[[], None]:
+    """One training step under DistributedDataParallel (in the process group `measure` joined): bare, the causal
+    LM's loss; ours, the same LM loss plus the values' squared error to zero returns. Each rank has a batch of its own;
+    the step's backward all-reduces the gradients. Gradients are on for the step: `measure` times under `no_grad`."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = with_value_head(implementation, bare_model(workload)).train()
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+    batch = inputs(replace(workload, seed=workload.seed + torch.distributed.get_rank()))
+    returns = torch.zeros(batch["input_ids"].shape)
+
+    def step() -> None:
+        with torch.enable_grad():
+            output = ddp(**batch, labels=batch["input_ids"], use_cache=False)
+            loss = output.loss
+            if implementation == OURS:
+                loss = loss + torch.nn.functional.mse_loss(output.value, returns)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def build(row: str, implementation: str, workload: Workload, checkpoints: str) -> Callable[[], object]:
     """The call to time for one cell of the table."""
+    if row == DDP_STEP:
+        return ddp_step(implementation, workload)
     batch = inputs(workload)
     if row == "load":
         if implementation == TRL:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 BARE, OURS, TRL = "bare", "transformers-vhead", "trl"
 BF16_NO_UPCAST = "bf16 forward, upcast_logits=False"
 REFERENCE_MEMORY, POLICY_AND_REFERENCE = "reference memory", "policy + reference"
+DDP_STEP = "DDP step"
 # The reference rows' model: the layers, not the LM head, cost most of a forward (about 90% at these sizes), as in
 # the models PPO trains, so sharing the lower half of them has something to save.
 LAYERS_DOMINATE = {
@@ -40,6 +41,9 @@ class Row:
     # Sizes of its own (Workload fields) over the defaults; flags given to the runner override them. The checkpoints
     # are saved at the run's workload, so a row that reads them has none.
     workload: dict[str, int] = field(default_factory=dict)
+    # More than 1: the row runs in this many processes started by torchrun (gloo), one launch per round, in which its
+    # implementations take turns call by call (a launch of several processes costs more than a row's calls).
+    processes: int = 1
 
 
 ROWS = (
@@ -89,6 +93,15 @@ ROWS = (
         "(the bare column); TRL's column is the same two forwards of its value-head model and its reference",
         target=Target(time=0.82),
         workload=LAYERS_DOMINATE,
+    ),
+    Row(
+        DDP_STEP,
+        "one training step under DistributedDataParallel in 2 processes (gloo): the forward with logits and values, "
+        "LM loss + value MSE, backward (the gradients' all-reduce), SGD step, vs the bare causal LM's step on its LM "
+        "loss; each process its own batch",
+        (BARE, OURS),
+        target=Target(time=1.05),
+        processes=2,
     ),
 )
 ROWS_BY_NAME = {row.name: row for row in ROWS}

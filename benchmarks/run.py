@@ -98,13 +98,17 @@ def measure_all(workloads: dict[str, Workload], rounds: int, with_trl: bool, che
         for row in rows:
             implementations = [case[1] for case in cases if case[0] == row]
             shift = round_index % len(implementations)
-            for implementation in implementations[shift:] + implementations[:shift]:
-                result = run_case([row, implementation], workloads[row], checkpoints)
-                seconds[row, implementation].append(result["seconds"])
-                peaks[row, implementation] = max(peaks.get((row, implementation), 0), result["peak_bytes"])
-                sizes[row, implementation] = result["sizes"]
-                done += 1
-                print(f"[{done}/{total}] {row} / {implementation}", file=sys.stderr, flush=True)
+            implementations = implementations[shift:] + implementations[:shift]
+            # a row of several processes: all its implementations in one case, taking turns call by call
+            launches = [implementations] if ROWS_BY_NAME[row].processes > 1 else [[name] for name in implementations]
+            for launched in launches:
+                result = run_case([row, *launched], workloads[row], checkpoints)
+                for implementation, cell in result["cells"].items():
+                    seconds[row, implementation].append(cell["seconds"])
+                    peaks[row, implementation] = max(peaks.get((row, implementation), 0), cell["peak_bytes"])
+                    sizes[row, implementation] = cell["sizes"]
+                    done += 1
+                    print(f"[{done}/{total}] {row} / {implementation}", file=sys.stderr, flush=True)
     results: Results = {}
     for row, implementation in cases:
         cell = Cell(seconds[row, implementation], peaks[row, implementation], **sizes[row, implementation])
