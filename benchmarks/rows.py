@@ -41,8 +41,8 @@ class Row:
     # Sizes of its own (Workload fields) over the defaults; flags given to the runner override them. The checkpoints
     # are saved at the run's workload, so a row that reads them has none.
     workload: dict[str, int] = field(default_factory=dict)
-    # More than 1: the row runs in this many processes started by torchrun (gloo), one launch per round, in which its
-    # implementations take turns call by call (a launch of several processes costs more than a row's calls).
+    # More than 1: the row runs in this many processes (gloo), forked by one measuring process per round after its
+    # imports, in which its implementations take turns call by call (a launch costs more than a row's calls).
     processes: int = 1
 
 

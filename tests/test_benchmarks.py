@@ -38,8 +38,8 @@ TINY = {
 TINY_WORKLOAD = Workload(**{name.replace("-", "_"): value for name, value in TINY.items() if name != "rounds"})
 
 
-# CI runs the suite twice (the newest transformers, then the floor); this test takes about 5 minutes of CPU, so the floor
-# run leaves it out: it checks our tooling (the runner), which is the same code on both ends.
+# CI runs the suite twice (the newest transformers, then the floor); this test takes about 5 minutes of CPU, so the
+# floor run leaves it out: it checks our tooling (the runner), which is the same code on both ends.
 RUNNER_SKIPPED = os.environ.get("VHEAD_SKIP_BENCHMARK_RUNNER") == "1"
 
 
