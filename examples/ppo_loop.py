@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import transformers_vhead  # noqa: F401  (registers the value-head classes with AutoModelForCausalLM)
 from transformers_vhead import AutoModelForCausalLMWithValueHead, create_reference_model
-from transformers_vhead.demo import tiny_tokenizer
+from transformers_vhead.demo import tiny_llama_config, tiny_tokenizer
 
 PROMPTS = [
     "the critic says", "this answer is", "the policy learns", "a reward model gives",
@@ -55,10 +55,7 @@ def build_policy(directory: Path, seed: int) -> AutoModelForCausalLMWithValueHea
     """A tiny random Llama with a fresh value head, saved to `directory` and loaded back as a user would load it."""
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+    config = tiny_llama_config(tokenizer, hidden_size=32)
     # No dropout in the head: the values PPO trains must be the ones the rollout computed. The "normal" init (TRL's)
     # starts the critic visibly wrong, so its loss falling over the first steps shows it learning.
     model = AutoModelForCausalLMWithValueHead(

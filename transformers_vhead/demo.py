@@ -32,6 +32,14 @@ def tiny_tokenizer(words: tuple[str, ...] | list[str] = DEMO_WORDS) -> PreTraine
     )
 
 
+def tiny_llama_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int) -> LlamaConfig:
+    """A 2-layer Llama over `tokenizer`'s vocabulary (the special ids of [`tiny_tokenizer`]), MLP twice as wide."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+
+
 @dataclass
 class DemoResult:
     """What the demo produced: the generated text and, for each of its tokens, the token and its value."""
@@ -54,10 +62,7 @@ def run_demo(output_dir: str, seed: int = 0) -> DemoResult:
     """
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+    config = tiny_llama_config(tokenizer, hidden_size=64)
     base_dir, critic_dir = os.path.join(output_dir, "base"), os.path.join(output_dir, "critic")
     LlamaForCausalLM(config).save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
