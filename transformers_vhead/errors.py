@@ -41,7 +41,28 @@ class HeadShapeMismatchError(TransformersVheadError, ValueError):
 
 
 class CorruptCheckpointError(TransformersVheadError, OSError):
-    """A weights file is truncated, corrupt, or not the format its name says."""
+    """A weights file is truncated, corrupt, or not the format its name says; an index names a shard that is not there;
+    a value head holds NaN or infinity."""
+
+
+class UnsafePickleError(CorruptCheckpointError):
+    """A pickled weights file (`.bin`) that would run code or build objects other than tensors when unpickled. It was
+    not unpickled."""
+
+
+class InvalidConfigError(TransformersVheadError, ValueError):
+    """A `config.json` that cannot describe a model: not JSON, a field of the wrong type, a `text_config` without a
+    `model_type`."""
+
+
+class CheckpointMismatchError(TransformersVheadError, ValueError):
+    """A checkpoint's weights do not fit the model its config describes: tensors the model lacks, weights of the model
+    the checkpoint lacks, or shapes that differ."""
+
+
+class CheckpointSaveError(TransformersVheadError, OSError):
+    """`save_pretrained` could not write the checkpoint (a full disk, a read-only directory); the checkpoint already
+    in the directory is left as it was."""
 
 
 class PeftConfigError(TransformersVheadError, ValueError):
@@ -68,7 +89,21 @@ class MissingScoreHeadError(RewardAdapterError):
     """A reward adapter's weights hold no `score` head."""
 
 
-class EmptySequenceError(TransformersVheadError, ValueError):
+class InvalidInputError(TransformersVheadError, ValueError):
+    """Model inputs that cannot be run: `input_ids` and `attention_mask` of different shapes, an empty batch, rows of
+    no tokens."""
+
+
+class InputDtypeError(InvalidInputError, TypeError):
+    """`input_ids` (or an attention mask) of a dtype the model cannot take, e.g. float token ids."""
+
+
+class TokenIdOutOfRangeError(InvalidInputError, IndexError):
+    """A token id outside the model's vocabulary (negative, or at least `vocab_size`); the bare model's embedding
+    raises `IndexError` there."""
+
+
+class EmptySequenceError(InvalidInputError):
     """A row of the attention mask is all zeros, so that sequence has no token to score."""
 
 
