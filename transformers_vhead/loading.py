@@ -1,31 +1,39 @@
 """Where a checkpoint keeps its value head, read safely.
 
-transformers loads the weights; this module only finds which file holds the head (for the head's provenance and a clear
-shape error before the load) and checks each safetensors file's header so a truncated file is named. Safetensors
-headers are parsed by hand (a few KB, no tensor data); a pickle is only opened with `torch.load(weights_only=True)`.
+transformers loads the weights; this module first reads what the load will read, so that a bad file is named before
+transformers or peft touch it: the head's file (for its provenance, and clear shape, dtype and NaN errors), every
+safetensors header (validated by safetensors' own parser, the one transformers loads with; no tensor data is read) and
+every pickle (memory-mapped, with `torch.load(weights_only=True)`: a pickle that would run code is refused and never
+unpickled). The value head's tensors are tiny and read whole; the base model's weights are not scanned.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import pickletools
 import re
-from collections.abc import Callable, Collection
+import zipfile
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from huggingface_hub import constants, is_offline_mode
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers.utils import cached_file
 
 from .errors import (
     CorruptCheckpointError,
+    InvalidConfigError,
     NoModelFoundError,
     NotInOfflineCacheError,
     UnrecognizedLayoutError,
+    UnsafePickleError,
 )
 
 HEAD_WEIGHT_KEY = "v_head.summary.weight"
@@ -107,64 +115,276 @@ def resolve_file(path_or_id: str, filename: str, hub_kwargs: dict) -> str | None
     )
 
 
-def read_safetensors_header(path: str) -> dict[str, dict]:
-    """The tensor entries of a safetensors file's header (`dtype`, `shape`, `data_offsets` per name).
+class TensorInfo(NamedTuple):
+    """One tensor of a weights file, as its header (or its memory-mapped pickle) describes it; no data is read."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    """torch's name of the dtype (`"float32"`, `"int64"`, `"bool"`, ...); safetensors' own name for one torch lacks."""
+    is_floating_point: bool
+
+
+# safetensors' dtype names, in torch's; every `F*` and `BF16` is a floating-point format.
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "C64": "complex64",
+}
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6, which `torch.load(mmap=True)` can memory-map
+# A legacy torch.save file (and a raw `pickle.dump`) is a few pickles in a row (magic number, protocol, system info,
+# the object, its storage keys) before the raw tensor bytes; at most this many are disassembled.
+_LEGACY_PICKLES = 5
+# The opcodes that push a string (which protocol 4's STACK_GLOBAL takes as a global's module and name), store the top
+# of the stack in the memo, or push a value from it.
+_STRING_OPCODES = frozenset(
+    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+)
+_MEMO_PUT_OPCODES = frozenset({"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"})
+_MEMO_GET_OPCODES = frozenset({"GET", "BINGET", "LONG_BINGET"})
+
+
+def _first_line(message: object, limit: int = 200) -> str:
+    """The first sentence of the first line of `message` (an error's, a reader's), at most `limit` characters: the
+    messages of this module stay one line."""
+    lines = str(message).strip().splitlines()
+    line = lines[0].split(". ")[0] if lines else ""
+    if not line and isinstance(message, BaseException):
+        line = type(message).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _reason(error: BaseException) -> str:
+    """What a reader's error says was wrong: torch's weights-only message wraps the reason in advice that does not
+    apply (re-running with `weights_only=False`), the reason being its second-to-last paragraph."""
+    paragraphs = [part for part in str(error).split("\n\n") if part.strip()]
+    if isinstance(error, pickle.UnpicklingError) and len(paragraphs) >= 3:
+        return _first_line(paragraphs[-2])
+    return _first_line(error)
+
+
+def read_safetensors_header(path: str) -> dict[str, TensorInfo]:
+    """Every tensor of a safetensors file, from its header only.
+
+    The header is checked whole by safetensors' own parser (`safe_open`, which transformers loads with): its length
+    field, that it is one JSON object, each entry's `dtype` (one safetensors knows), `shape` (non-negative integers)
+    and `data_offsets` (the size that shape and dtype give, contiguous from 0 with no overlap or hole, ending at the
+    end of the file), and `__metadata__` (strings to strings). A file read here is one transformers can load; a file
+    refused here is named before the load. A bit flip in the tensor data cannot be seen: safetensors has no
+    checksums.
 
     Raises:
-        CorruptCheckpointError: the file is shorter or longer than its header says, or the header is not valid JSON.
+        CorruptCheckpointError: the header is invalid, or the file is shorter or longer than it says.
     """
-    size = os.path.getsize(path)
-    with open(path, "rb") as file:
-        prefix = file.read(8)
-        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if not 0 < header_len <= size - 8:
-            raise CorruptCheckpointError(
-                f"{path} is not a valid safetensors file (size {size} bytes, header length field {header_len}): "
-                "it is truncated or corrupt. Save or download it again."
-            )
-        try:
-            header = json.loads(file.read(header_len))
-        except ValueError as exc:
-            raise CorruptCheckpointError(f"{path} has a corrupt safetensors header ({exc}). Save it again.") from exc
-    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
-    expected = 8 + header_len + max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
-    if expected != size:
+    with _open_safetensors(path) as file:
+        return {name: _safetensors_info(file.get_slice(name)) for name in file.keys()}
+
+
+@contextmanager
+def _open_safetensors(path: str) -> Iterator[Any]:
+    """`safe_open(path)`, which validates the header whole (see [`read_safetensors_header`]), its errors named.
+
+    Raises:
+        CorruptCheckpointError: the header is invalid, or the file is shorter or longer than it says.
+    """
+    try:
+        with safe_open(path, framework="pt") as file:
+            yield file
+    except SafetensorError as exc:
         raise CorruptCheckpointError(
-            f"{path} is {size} bytes but its safetensors header describes {expected}: the file is truncated or "
-            "corrupt. Save or download it again."
-        )
-    return tensors
+            f"{path} is not a valid safetensors file ({_reason(exc)}): it is truncated or corrupt. Download or save it "
+            "again."
+        ) from exc
+
+
+def _safetensors_info(tensor_slice) -> TensorInfo:
+    code = tensor_slice.get_dtype()
+    floating = code.startswith(("F", "BF"))
+    return TensorInfo(tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES.get(code, code), floating)
+
+
+def _pickle_info(tensor: torch.Tensor) -> TensorInfo:
+    return TensorInfo(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), tensor.dtype.is_floating_point)
 
 
 def load_pickle_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A `.bin` state dict, memory-mapped where the format allows, never unpickling anything but tensors.
+    """A `.bin` state dict, memory-mapped where the format allows (torch's zip format; a legacy file is read whole),
+    never unpickling anything but tensors (`torch.load(weights_only=True)`).
+
+    When torch refuses the file, the pickle is disassembled (statically, nothing is run) to tell a pickle that would
+    call or build other objects, which is refused as unsafe, from a corrupt one.
 
     Raises:
-        CorruptCheckpointError: the file cannot be read as a weights-only state dict.
+        UnsafePickleError: unpickling the file would call or build something other than tensors (torch's weights-only
+            unpickler refused it; the globals it names are listed). Nothing of it was unpickled.
+        CorruptCheckpointError: the file is truncated or corrupt, or holds no state dict of named tensors.
     """
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) format, which cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CorruptCheckpointError(f"Cannot read {path} as a weights-only PyTorch state dict: {exc}") from exc
+        with open(path, "rb") as file:
+            memory_mappable = file.read(4) == _ZIP_MAGIC
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=memory_mappable)
+    except Exception as exc:  # UnpicklingError, RuntimeError (a bad zip), EOFError, ...: told apart below
+        refused = sorted(_pickled_globals(path) - _weights_only_globals())
+        if refused:
+            shown = ", ".join(refused[:5]) + (f" and {len(refused) - 5} more" if len(refused) > 5 else "")
+            raise UnsafePickleError(
+                f"Refused to read {path} as a weights-only PyTorch state dict: unpickling it would call or build "
+                f"{shown}, not tensors, which can run any code. Nothing of it was unpickled. Convert a checkpoint you "
+                "trust to safetensors (load it where it was written and `save_pretrained` it again), and never load a "
+                "file you did not write with `weights_only=False`."
+            ) from None
+        raise CorruptCheckpointError(
+            f"Cannot read {path} as a weights-only PyTorch state dict ({_reason(exc)}): it is truncated or corrupt. "
+            "Download or save it again."
+        ) from exc
+    if not (
+        isinstance(state_dict, dict)
+        and all(isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in state_dict.items())
+    ):
+        raise CorruptCheckpointError(
+            f"{path} is a PyTorch pickle, but not a state dict of named tensors (it holds a "
+            f"{type(state_dict).__name__}{' with other values' if isinstance(state_dict, dict) else ''}): it is not a "
+            "model's weights file. Save the model with `save_pretrained`."
+        )
+    return state_dict
+
+
+def _weights_only_globals() -> set[str]:
+    """The globals torch's weights-only unpickler accepts: its defaults and those allowlisted with
+    `torch.serialization.add_safe_globals`. (torch keeps the list private; without it, every global counts as
+    unsafe, which only changes which error a refused file gets.)"""
+    from torch import _weights_only_unpickler as unpickler
+
+    defaults = getattr(unpickler, "_get_allowed_globals", dict)()
+    user = getattr(unpickler, "_get_user_allowed_globals", dict)()
+    return set(defaults) | set(user)
+
+
+def _pickled_globals(path: str) -> set[str]:
+    """Every global (`module.name`) the pickles of a `.bin` name, by disassembling them: `data.pkl` of torch's zip
+    format, or the first pickles of a legacy or raw file. Best effort: a corrupt part ends the scan, keeping what was
+    found before it."""
+    found: set[str] = set()
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.namelist():
+                    if member.endswith(".pkl"):
+                        with archive.open(member) as stream:
+                            _scan_pickle(stream, found)
+        else:
+            with open(path, "rb") as stream:
+                for _ in range(_LEGACY_PICKLES):
+                    if not _scan_pickle(stream, found):
+                        break
+    except Exception:  # an archive too broken to list: the file is corrupt, whatever it names
+        pass
+    return found
+
+
+def _scan_pickle(stream, found: set[str]) -> bool:
+    """Adds the globals one pickle of `stream` names to `found`; False when it is not a whole pickle."""
+    pushed: list[str | None] = [None, None]  # the last two values pushed, for STACK_GLOBAL
+    memo: dict[Any, str | None] = {}
+    try:
+        for opcode, arg, _ in pickletools.genops(stream):
+            name = opcode.name
+            if name in ("GLOBAL", "INST"):
+                found.add(str(arg).replace(" ", "."))
+            elif name == "STACK_GLOBAL":
+                module, attribute = pushed
+                found.add(f"{module}.{attribute}" if module and attribute else "a global named at unpickling time")
+            if name in _MEMO_PUT_OPCODES:
+                memo[len(memo) if arg is None else arg] = pushed[-1]
+                continue
+            if name in _STRING_OPCODES and isinstance(arg, str):
+                value = arg
+            else:
+                value = memo.get(arg) if name in _MEMO_GET_OPCODES else None
+            pushed = [pushed[-1], value]
+    except Exception:  # not a pickle (raw tensor bytes after a legacy file's pickles), or a corrupt one
+        return False
+    return True
 
 
 def read_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor in a safetensors file (from its header only) or a weights-only pickle."""
+    return {name: info.shape for name, info in read_tensor_infos(path).items()}
+
+
+def read_tensor_infos(path: str) -> dict[str, TensorInfo]:
+    """The shape and dtype of every tensor in a safetensors file (from its header only) or a weights-only pickle
+    (memory-mapped)."""
     if path.endswith(".safetensors"):
-        return {name: tuple(entry["shape"]) for name, entry in read_safetensors_header(path).items()}
-    return {name: tuple(tensor.shape) for name, tensor in load_pickle_state_dict(path).items()}
+        return read_safetensors_header(path)
+    return {name: _pickle_info(tensor) for name, tensor in load_pickle_state_dict(path).items()}
 
 
 def read_tensors(path: str, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file or a weights-only pickle whose names `keep` accepts; a safetensors file
-    reads only those."""
+    reads only those (after its header is checked)."""
     if path.endswith(".safetensors"):
-        with safe_open(path, framework="pt") as file:
+        with _open_safetensors(path) as file:
             return {name: file.get_tensor(name) for name in file.keys() if keep(name)}
     return {name: tensor for name, tensor in load_pickle_state_dict(path).items() if keep(name)}
+
+
+class WeightsReader:
+    """Reads the weights files of one load as the load will, each file once: a safetensors file's header (validated
+    whole), a pickle memory-mapped (its tensors kept, for the head's values). Of each tensor its name and whether it
+    is floating point are kept; the shapes of only the tensors asked for are looked at, and only the head's data is
+    read. Dropped when the look-up ends, before the load."""
+
+    def __init__(self):
+        self._floating: dict[str, dict[str, bool]] = {}
+        self._pickles: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _read(self, path: str) -> dict[str, bool]:
+        if path not in self._floating:
+            if path.endswith(".safetensors"):
+                with _open_safetensors(path) as file:
+                    floating = {name: file.get_slice(name).get_dtype().startswith(("F", "BF")) for name in file.keys()}
+            else:
+                self._pickles[path] = load_pickle_state_dict(path)
+                floating = {name: tensor.dtype.is_floating_point for name, tensor in self._pickles[path].items()}
+            self._floating[path] = floating
+        return self._floating[path]
+
+    def keys(self, path: str) -> Collection[str]:
+        """The names of the tensors in `path`, in its order (the file is checked, see [`read_safetensors_header`] and
+        [`load_pickle_state_dict`])."""
+        return self._read(path).keys()
+
+    def not_floating(self, path: str) -> list[str]:
+        """The tensors of `path` whose dtype is not floating point (integers, bool)."""
+        return [name for name, floating in self._read(path).items() if not floating]
+
+    def info(self, path: str, name: str) -> TensorInfo:
+        """The shape and dtype of tensor `name` of `path`."""
+        if path in self._pickles:
+            return _pickle_info(self._pickles[path][name])
+        with _open_safetensors(path) as file:
+            return _safetensors_info(file.get_slice(name))
+
+    def tensors(self, path: str, names: Collection[str]) -> dict[str, torch.Tensor]:
+        """The tensors `names` of `path` (a safetensors file reads only those)."""
+        if path in self._pickles:
+            return {name: self._pickles[path][name] for name in names}
+        with _open_safetensors(path) as file:
+            return {name: file.get_tensor(name) for name in names}
 
 
 def hub_kwargs_of(kwargs: dict) -> dict:
@@ -172,18 +392,35 @@ def hub_kwargs_of(kwargs: dict) -> dict:
     return {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
 
 
-def _head_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    shapes = read_tensor_shapes(path)
-    return {name: shapes[name] for name in (HEAD_WEIGHT_KEY, HEAD_BIAS_KEY) if name in shapes}
-
-
 def read_config_dict(path_or_id: str, hub_kwargs: dict) -> dict[str, Any]:
-    """The `config.json` of a directory or hub id as a dict (`{}` when there is none)."""
+    """The `config.json` of a directory or hub id as a dict (`{}` when there is none).
+
+    Raises:
+        InvalidConfigError: the file is not a JSON object.
+    """
     resolved = resolve_file(str(path_or_id), "config.json", hub_kwargs)
     if resolved is None:
         return {}
-    with open(resolved, encoding="utf-8") as file:
-        return json.load(file)
+    try:
+        with open(resolved, encoding="utf-8") as file:
+            config = json.load(file)
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise InvalidConfigError(
+            f"{resolved} is not valid JSON ({_first_line(exc)}): the config is corrupt. Save or download the "
+            "checkpoint again."
+        ) from exc
+    if not isinstance(config, dict):
+        raise InvalidConfigError(
+            f"{resolved} holds a JSON {type(config).__name__}, not an object of settings: it is no model config. Save "
+            "or download the checkpoint again."
+        )
+    return config
+
+
+def _explicit_weights_name(config: dict[str, Any]) -> str | None:
+    """A config's `transformers_weights`: the weights file transformers loads instead of its usual names."""
+    name = config.get("transformers_weights")
+    return name if isinstance(name, str) and name else None
 
 
 def checkpoint_tensor_files(
@@ -191,40 +428,105 @@ def checkpoint_tensor_files(
     hub_kwargs: dict,
     variant: str | None = None,
     use_safetensors: bool | None = None,
+    weights_name: str | None = None,
+    reader: WeightsReader | None = None,
 ) -> dict[str, str] | None:
-    """The name of every tensor in the checkpoint transformers will load from `path_or_id`, with the local file that
-    holds it; `None` when there are no weights.
+    """The name of every tensor the load of `path_or_id` will read, with the local file that holds it; `None` when
+    there are no weights.
 
-    Looks at the same files as `PreTrainedModel.from_pretrained`, in its order. Every safetensors file has its header
-    checked, so a truncated shard is named here rather than failing deep inside the load; only headers are read (a
-    single pickle is read whole, memory-mapped).
+    Looks at the same files as `PreTrainedModel.from_pretrained`, in its order, and reads each one as the load will,
+    before it (headers and memory-mapped pickles, see [`WeightsReader`]), so a bad file is named here rather than
+    failing deep inside the load, and a pickle that would run code is refused before transformers opens it. A sharded
+    checkpoint's names are those its shards hold: transformers loads every tensor of every shard the index names, also
+    one the index does not list.
 
     Args:
         path_or_id: a local directory or a hub id.
         hub_kwargs: `cache_dir`, `revision`, `token`, `local_files_only`, `subfolder`, ... as for `cached_file`.
         variant: the weights variant (`model.<variant>.safetensors`).
         use_safetensors: `False` reads only pickles, `True` only safetensors, `None` prefers safetensors.
+        weights_name: a file tried first (a config's `transformers_weights`, which transformers loads instead).
+        reader: the reader to read the files with (and to keep what was read); a fresh one by default.
+
+    Raises:
+        CorruptCheckpointError: a weights file is truncated or corrupt; an index is not valid, names a shard that is
+            not there (or outside the checkpoint), or lists a tensor its shard does not hold.
+        UnsafePickleError: a pickle that would run code or build other objects than tensors.
     """
     path_or_id = str(path_or_id)
-    names = []
+    reader = reader or WeightsReader()
+    names = [weights_name] if weights_name else []
     if use_safetensors is not False:
-        names += SAFE_WEIGHTS_NAMES
+        names += [_with_variant(name, variant) for name in SAFE_WEIGHTS_NAMES]
     if not use_safetensors:
-        names += PICKLE_WEIGHTS_NAMES
+        names += [_with_variant(name, variant) for name in PICKLE_WEIGHTS_NAMES]
     for name in names:
-        resolved = resolve_file(path_or_id, _with_variant(name, variant), hub_kwargs)
+        resolved = resolve_file(path_or_id, name, hub_kwargs)
         if resolved is None:
             continue
         if not name.endswith(".json"):
-            return dict.fromkeys(read_tensor_shapes(resolved), resolved)
-        with open(resolved, encoding="utf-8") as index:
-            weight_map = json.load(index)["weight_map"]
-        shard_paths = {shard: resolve_file(path_or_id, shard, hub_kwargs) for shard in sorted(set(weight_map.values()))}
-        for shard_path in shard_paths.values():
-            if shard_path is not None and shard_path.endswith(".safetensors"):
-                read_safetensors_header(shard_path)
-        return {key: shard_paths[shard] for key, shard in weight_map.items() if shard_paths[shard] is not None}
+            return dict.fromkeys(reader.keys(resolved), resolved)
+        return _sharded_tensor_files(path_or_id, resolved, hub_kwargs, reader)
     return None
+
+
+def _read_index(index_file: str) -> dict[str, str]:
+    """The `weight_map` of a sharded checkpoint's index (tensor name to shard file), checked as transformers reads it
+    (it also reads the `metadata` object)."""
+    try:
+        with open(index_file, encoding="utf-8") as file:
+            index = json.load(file)
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise CorruptCheckpointError(
+            f"{index_file} is not valid JSON ({_first_line(exc)}): the index is corrupt. Save or download the "
+            "checkpoint again."
+        ) from exc
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not (
+        isinstance(weight_map, dict)
+        and all(isinstance(shard, str) for shard in weight_map.values())
+        and isinstance(index.get("metadata"), dict)
+    ):
+        raise CorruptCheckpointError(
+            f"{index_file} is not a sharded checkpoint's index: it needs a `weight_map` object from tensor names to "
+            "shard file names, and a `metadata` object. Save or download the checkpoint again."
+        )
+    escaping = sorted(shard for shard in set(weight_map.values()) if os.path.isabs(shard) or ".." in shard.split("/"))
+    if escaping:
+        raise CorruptCheckpointError(
+            f"{index_file} names shards outside the checkpoint ({', '.join(escaping[:3])}): an index only names files "
+            "beside it. Save or download the checkpoint again."
+        )
+    return weight_map
+
+
+def _sharded_tensor_files(path_or_id: str, index_file: str, hub_kwargs: dict, reader: WeightsReader) -> dict[str, str]:
+    listed: dict[str, list[str]] = {}
+    for key, shard in _read_index(index_file).items():
+        listed.setdefault(shard, []).append(key)
+    paths = {shard: resolve_file(path_or_id, shard, hub_kwargs) for shard in sorted(listed)}
+    missing = [shard for shard, path in paths.items() if path is None]
+    if missing:
+        raise CorruptCheckpointError(
+            f"{index_file} names {len(missing)} shard(s) that are not there: {_listing(missing)}. The checkpoint was "
+            "not saved or downloaded completely: save or download it again."
+        )
+    files: dict[str, str] = {}
+    for shard, path in paths.items():  # transformers' order: a tensor in two shards is the later shard's
+        held = reader.keys(path)
+        absent = [key for key in listed[shard] if key not in held]
+        if absent:
+            raise CorruptCheckpointError(
+                f"{index_file} lists {_listing(absent)} in {path}, which does not hold it: the index and its shards "
+                "are from different saves, or the shard is corrupt. Save or download the checkpoint again."
+            )
+        files.update(dict.fromkeys(held, path))
+    return files
+
+
+def _listing(names: list[str], shown: int = 3) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 @dataclass(frozen=True)
@@ -335,15 +637,26 @@ def find_value_head(
     Returns:
         The head's file, shapes (in our key names), layout, the key mapping and settings that load it; `None` when the
         checkpoint has no value head (a plain LM) or no weights at all.
+
+    Raises:
+        CorruptCheckpointError: a weights file or index is corrupt (see [`checkpoint_tensor_files`]), or the head's
+            tensors are not floating point or hold NaN or infinity (see [`check_head_tensors`]).
+        UnsafePickleError: a pickle the load would read would run code.
+        InvalidConfigError: the `config.json` is not a JSON object.
     """
     path_or_id = str(path_or_id)
-    files = checkpoint_tensor_files(path_or_id, hub_kwargs, variant, use_safetensors)
+    config = read_config_dict(path_or_id, hub_kwargs)
+    reader = WeightsReader()
+    files = checkpoint_tensor_files(
+        path_or_id, hub_kwargs, variant, use_safetensors, _explicit_weights_name(config), reader
+    )
     if files:
-        config = read_config_dict(path_or_id, hub_kwargs)
         match = match_head(files.keys(), config, lm_prefix)
         if match is not None:
-            file_shapes = {file: read_tensor_shapes(file) for file in {files[key] for key in match.head_keys}}
-            shapes = {ours: file_shapes[files[key]][key] for key, ours in match.head_keys.items()}
+            check_head_tensors(reader, {key: files[key] for key in match.head_keys})  # first: its message is plainer
+        check_weight_dtypes(reader, files, config)
+        if match is not None:
+            shapes = {ours: reader.info(files[key], key).shape for key, ours in match.head_keys.items()}
             key_mapping = {rf"^{re.escape(key)}$": ours for key, ours in match.head_keys.items() if key != ours}
             return CheckpointHead(
                 file=files[next(key for key, ours in match.head_keys.items() if ours == HEAD_WEIGHT_KEY)],
@@ -353,14 +666,81 @@ def find_value_head(
                 settings=_layout_settings(match, shapes, config),
                 has_lm_head=match.has_lm_head,
             )
-    return _head_file_beside(path_or_id, hub_kwargs, "LLaMA-Factory")  # kept out of the model's own checkpoint
+    return _head_file_beside(path_or_id, hub_kwargs, "LLaMA-Factory", reader)  # kept out of the model's checkpoint
 
 
-def _head_file_beside(path_or_id: str, hub_kwargs: dict, layout: str) -> CheckpointHead | None:
-    """The first of `ADAPTER_HEAD_NAMES` beside a model or adapter that holds a value head, as a separate file."""
+def _is_quantized(config: dict[str, Any]) -> bool:
+    text_config = config.get("text_config")
+    return "quantization_config" in config or (isinstance(text_config, dict) and "quantization_config" in text_config)
+
+
+def check_weight_dtypes(reader: WeightsReader, files: dict[str, str], config: dict[str, Any]) -> None:
+    """Refuses a `*.weight` tensor of an integer or bool dtype in a checkpoint whose `config.json` declares no
+    quantization: a header whose `F32` became `I32` (one byte) describes a valid file, whose bytes transformers would
+    cast to garbage values without a word. (Biases and buffers are left alone: old GPT-2 checkpoints keep a bool
+    `attn.bias` mask.) Only the dtypes already read with the headers are looked at.
+
+    Raises:
+        CorruptCheckpointError: names the file and the tensor.
+    """
+    if _is_quantized(config):
+        return
+    for file in dict.fromkeys(files.values()):
+        for key in reader.not_floating(file):
+            if key.endswith(".weight") and files.get(key) == file:
+                raise CorruptCheckpointError(
+                    f"{file} holds the weight `{key}` as {reader.info(file, key).dtype}, but the model's weights are "
+                    "floating point and its config.json declares no quantization: the file's header is corrupt (the "
+                    "tensor would load as garbage values). Download or save it again."
+                )
+
+
+def check_head_tensors(reader: WeightsReader, files: dict[str, str]) -> None:
+    """Refuses a value head that would load as a broken one: a tensor that is not floating point (float16 and
+    bfloat16 are fine: they are cast to the head's float32), or that holds NaN or infinity. The head's tensors are
+    tiny and read whole; the base model's weights are not scanned.
+
+    Args:
+        reader: the reader the checkpoint's files were read with.
+        files: the checkpoint's name of each head tensor, with the file that holds it.
+
+    Raises:
+        CorruptCheckpointError: names the file, the tensor and what to do.
+    """
+    for key, file in files.items():
+        info = reader.info(file, key)
+        if not info.is_floating_point:
+            raise CorruptCheckpointError(
+                f"{file} holds the value head's `{key}` as {info.dtype}, but a value head's weights are floating point "
+                "(float32, or float16 / bfloat16, which are cast): the file is corrupt or was not written for this "
+                "head. Load an earlier checkpoint, or the base model's weights for a fresh head."
+            )
+    for file in dict.fromkeys(files.values()):
+        names = [key for key, holder in files.items() if holder == file]
+        for key, tensor in reader.tensors(file, names).items():
+            finite = torch.isfinite(tensor.float())
+            if not finite.all():
+                raise CorruptCheckpointError(
+                    f"{file} holds NaN or infinity in the value head's `{key}` ({int((~finite).sum())} of "
+                    f"{finite.numel()} values): the training that wrote it diverged, or the file is corrupt. Load an "
+                    "earlier checkpoint, or the base model's weights for a fresh head."
+                )
+
+
+def _head_file_beside(
+    path_or_id: str, hub_kwargs: dict, layout: str, reader: WeightsReader | None = None
+) -> CheckpointHead | None:
+    """The first of `ADAPTER_HEAD_NAMES` beside a model or adapter that holds a value head, as a separate file (its
+    `v_head.*` tensors checked with [`check_head_tensors`])."""
+    reader = reader or WeightsReader()
     for name in ADAPTER_HEAD_NAMES:
         resolved = resolve_file(path_or_id, name, hub_kwargs)
-        if resolved is not None and (shapes := _head_shapes(resolved)):
+        if resolved is None:
+            continue
+        keys = reader.keys(resolved)
+        shapes = {key: reader.info(resolved, key).shape for key in (HEAD_WEIGHT_KEY, HEAD_BIAS_KEY) if key in keys}
+        if shapes:
+            check_head_tensors(reader, {key: resolved for key in keys if key.startswith("v_head.")})
             return CheckpointHead(resolved, shapes, layout=layout, separate_file=True)
     return None
 
