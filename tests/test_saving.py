@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, modeling_utils
 
 import transformers_vhead
+from transformers_vhead.errors import CheckpointSaveError
 
 HEAD_KEYS = ("v_head.summary.weight", "v_head.summary.bias")
 SHARD_NAME = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
@@ -249,6 +250,8 @@ def test_save_failing_on_second_shard_leaves_previous_checkpoint_untouched(tmp_p
     original.save_pretrained(out, **({"max_shard_size": previous_shard_size} if previous_shard_size else {}))
     (out / "tokenizer.json").write_text("{}")
     before = snapshot(out)
+    changed = perturbed(wrap("llama", tmp_path, seed=1))  # before the patch: wrap saves a base model
+    before_beside = names(tmp_path)
 
     real_save_file = modeling_utils.safe_save_file
     written: list[Path] = []
@@ -261,12 +264,17 @@ def test_save_failing_on_second_shard_leaves_previous_checkpoint_untouched(tmp_p
         written.append(Path(filename))
 
     monkeypatch.setattr(modeling_utils, "safe_save_file", fail_on_second_shard)
-    with pytest.raises(OSError, match="No space left on device"):
-        perturbed(wrap("llama", tmp_path, seed=1)).save_pretrained(out, max_shard_size="30KB")
+    failure = r"failed while writing model-00002-of-\d{5}\.safetensors: No space left on device \(the disk is full\)"
+    with pytest.raises(CheckpointSaveError, match=failure) as info:
+        changed.save_pretrained(out, max_shard_size="30KB")
     monkeypatch.undo()
 
-    assert len(written) == 1 and written[0].parent != out  # the first shard was written, into the staging folder
+    assert isinstance(info.value.__cause__, OSError) and info.value.errno == 28
+    assert f"The checkpoint already in {out} is untouched" in str(info.value)
+    assert len(written) == 1 and written[0].name == "model-00001-of-00004.safetensors"
+    assert written[0].parent.parent == out.parent and written[0].parent != out  # into the staging folder beside
     assert snapshot(out) == before  # same names (no new file, no staging folder) and the same bytes
+    assert names(tmp_path) == before_beside  # no staging folder beside it either
     assert_same_weights(original, AutoModelForCausalLM.from_pretrained(out))
 
 
@@ -274,7 +282,7 @@ def test_save_failing_while_writing_config_leaves_previous_checkpoint_untouched(
     original = wrap("llama", tmp_path)
     out = tmp_path / "out"
     original.save_pretrained(out)
-    before = snapshot(out)
+    before, before_beside = snapshot(out), names(tmp_path)
     changed = perturbed(wrap("llama", tmp_path, seed=1))
 
     def truncated_json(self, json_file_path, use_diff=True):
@@ -283,11 +291,12 @@ def test_save_failing_while_writing_config_leaves_previous_checkpoint_untouched(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(type(changed.config), "to_json_file", truncated_json)
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(CheckpointSaveError, match="failed while writing config.json: No space left on device"):
         changed.save_pretrained(out, max_shard_size="20KB")
     monkeypatch.undo()
 
     assert snapshot(out) == before
+    assert names(tmp_path) == before_beside
     assert_same_weights(original, AutoModelForCausalLM.from_pretrained(out))
 
 
@@ -299,10 +308,12 @@ def test_failed_first_save_leaves_no_directory_behind(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(type(model.config), "to_json_file", failing_json)
-    with pytest.raises(OSError, match="No space left on device"):
+    failure = rf"while writing config\.json: No space left on device.*Nothing is left at {re.escape(str(out))}"
+    with pytest.raises(CheckpointSaveError, match=failure):
         model.save_pretrained(out)
 
-    assert not out.exists()
+    assert not out.exists() and not out.parent.exists()  # nor the parent the save made for it
+    assert names(tmp_path) == {"llama-base"}  # no staging folder beside it
 
 
 # --- the model card --------------------------------------------------------------------------------------------------
@@ -502,3 +513,22 @@ def test_model_card_has_no_base_model_for_relative_local_dir_after_chdir(tmp_pat
     model.save_pretrained(tmp_path / "out")
 
     assert ModelCard.load(tmp_path / "out" / "README.md").data.base_model is None
+
+
+def test_a_whole_model_save_over_a_peft_policy_drops_the_adapter_files_and_back(tmp_path, llama_dir):
+    """A directory holding `adapter_config.json` loads as that adapter: a whole-model save over a PEFT policy's
+    directory must not leave it there (the reload would be the old policy), nor a PEFT save a whole model's weights."""
+    policy = transformers_vhead.AutoModelForCausalLMWithValueHead.from_pretrained(llama_dir, peft_config=policy_lora())
+    policy.save_pretrained(tmp_path)
+    whole = transformers_vhead.AutoModelForCausalLMWithValueHead.from_pretrained(llama_dir)
+    whole.save_pretrained(tmp_path)
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert not any(name.startswith(("adapter_", "value_head")) for name in names), names
+    reloaded = transformers_vhead.AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
+    assert not reloaded.is_peft_model
+    assert torch.equal(reloaded.v_head.summary.weight, whole.v_head.summary.weight)
+
+    policy.save_pretrained(tmp_path)
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert "model.safetensors" not in names and "adapter_config.json" in names, names
+    assert transformers_vhead.AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path).is_peft_model
