@@ -240,17 +240,151 @@ def _export(args: argparse.Namespace) -> int:
 # --- score ---------------------------------------------------------------------------------------------------------
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _read_texts(path: str) -> list[tuple[int, str]]:
-    """`(line number, text)` for each line of `path` (`-` = stdin); an empty line is an error."""
+    """`(line number, text)` for each line of `path` (`-` = stdin), checked before anything is loaded: UTF-8 (a BOM is
+    dropped), no NUL byte, no blank line, at least one text. Lines end at `\n` (and a `\r` before it), so the line
+    numbers are an editor's and `wc -l`'s.
+
+    Raises:
+        ValueError: the input breaks one of these rules (the message names the line, and the byte for bad bytes).
+    """
     name = "stdin" if path == "-" else path
-    content = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    texts = list(enumerate(content.splitlines(), start=1))
+    if path == "-":
+        stream = getattr(sys.stdin, "buffer", None)  # the bytes; a text stream that has none is already decoded
+        data = stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+    else:
+        data = Path(path).read_bytes()
+    start = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ValueError(
+            f"{name} is UTF-16 text (it starts with a UTF-16 byte-order mark): save it as UTF-8, e.g. with "
+            f"`iconv -f UTF-16 -t UTF-8 {name}`."
+        )
+    nul = data.find(b"\0", start)
+    if nul >= 0:
+        raise ValueError(
+            f"line {_line_of(data, nul)} of {name} holds a NUL byte (at byte offset {nul} of the file): it is not a "
+            "text file, or it is UTF-16 text; save the texts as UTF-8, one per line."
+        )
+    try:
+        content = data[start:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        offset = start + error.start
+        column = offset - (data.rfind(b"\n", 0, offset) + 1)
+        raise ValueError(
+            f"line {_line_of(data, offset)} of {name} is not UTF-8: the byte {data[offset]:#04x} at byte offset "
+            f"{offset} of the file (byte {column} of the line) cannot be decoded. Save the file as UTF-8, e.g. with "
+            f"`iconv -f latin1 -t UTF-8 {name}`."
+        ) from None
+    lines = content.split("\n")
+    if lines[-1] == "":  # the newline that ends the last line
+        lines.pop()
+    texts = [(number, line.removesuffix("\r")) for number, line in enumerate(lines, start=1)]
+    if not any(text.strip() for _, text in texts):
+        held = f"its {len(texts)} line(s) are blank" if texts else "it is empty"
+        raise ValueError(f"{name} holds no text to score ({held}): write one text per line.")
     for number, text in texts:
         if not text.strip():
             raise ValueError(f"line {number} of {name} is empty: each line must hold one text to score.")
-    if not texts:
-        raise ValueError(f"{name} holds no text to score: write one text per line.")
     return texts
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    """The number of the line that holds byte `offset` of `data`."""
+    return data.count(b"\n", 0, offset) + 1
+
+
+def _check_output(path: str | None) -> None:
+    """Refuses an `--output` that cannot be written, before anything is loaded."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"--output {path} is a directory: name the file to write the scores to.")
+    folder = target.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the directory of --output {path} does not exist: create {folder} first.")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot write --output {path}: {folder} is not writable.")
+
+
+@contextmanager
+def _scores_output(path: str | None) -> Iterator:
+    """Where the JSON lines go: stdout, or for `--output FILE` a temporary file beside FILE that replaces it
+    (`os.replace`, atomic) once the block has written every line. A block that raises leaves no temporary file, and
+    FILE as it was (or absent)."""
+    if path is None:
+        yield sys.stdout
+        return
+    target = Path(path)
+    if target.exists():
+        mode = target.stat().st_mode & 0o7777  # an existing file keeps its permissions
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask  # what `open(path, "w")` would have given it
+    handle = tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(handle.name, mode)
+        os.replace(handle.name, target)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def _token_limit(model, tokenizer) -> tuple[int, str] | None:
+    """The most tokens the model takes, and where that number comes from; `None` if neither says."""
+    limits = []
+    positions = getattr(model.config.text_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append((positions, "max_position_embeddings of its config"))
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 10**12:  # transformers' "unset" is 1e30
+        limits.append((tokenizer_limit, "the tokenizer's model_max_length"))
+    return min(limits) if limits else None
+
+
+def _encode_all(texts: list[tuple[int, str]], tokenizer, model, args: argparse.Namespace, name: str) -> list:
+    """Every batch tokenised, and each text's length checked, before the first score: `(batch, encoded)` pairs.
+
+    Raises:
+        ValueError: a text that tokenises to no tokens, or to more than the model takes (names the line).
+    """
+    limit = _token_limit(model, tokenizer)
+    batches = []
+    for start in range(0, len(texts), args.batch_size):
+        batch = texts[start : start + args.batch_size]
+        encoded = tokenizer(
+            [text for _, text in batch],
+            padding=True,
+            truncation=args.max_length is not None,
+            max_length=args.max_length,
+            return_tensors="pt",
+        )
+        for (number, _), length in zip(batch, encoded["attention_mask"].sum(-1).tolist(), strict=True):
+            if length == 0:
+                raise ValueError(
+                    f"line {number} of {name} gives no tokens with the model's tokenizer, so it has none to score: "
+                    "remove it or write the text out."
+                )
+            if limit is not None and length > limit[0]:
+                most, source = limit
+                truncated = f" after truncation to --max-length {args.max_length}" if args.max_length else ""
+                raise ValueError(
+                    f"line {number} of {name} has {length} tokens{truncated}, more than the model takes ({most}, "
+                    f"{source}): pass --max-length {most} (or less) to truncate the texts."
+                )
+        batches.append((batch, encoded))
+    return batches
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -259,6 +393,7 @@ def _score(args: argparse.Namespace) -> int:
     from transformers_vhead.errors import WrongModelKindError
 
     texts = _read_texts(args.input)
+    _check_output(args.output)
     if _is_seq2seq(args.model, _hub_kwargs(args.cache_dir)):
         raise WrongModelKindError(
             f"{args.model} is a seq2seq model: scoring needs a decoder input besides the source text, which `score` "
@@ -276,27 +411,24 @@ def _score(args: argparse.Namespace) -> int:
     if tokenizer.pad_token is None:
         raise ValueError(f"The tokenizer of {args.model} has neither a pad nor an eos token to pad batches with.")
     tokenizer.padding_side = "right"
+    batches = _encode_all(texts, tokenizer, model, args, "stdin" if args.input == "-" else args.input)
     if not model.v_head_source.is_loaded and not model.supports_rm_adapter:
         print(f"{PROG}: warning: value head {model.v_head_source}: these scores are random.", file=sys.stderr)
 
-    starts = range(0, len(texts), args.batch_size)
-    show_progress = not args.no_progress and len(starts) > 1 and sys.stderr.isatty()
-    with tqdm(total=len(texts), unit="text", file=sys.stderr, disable=not show_progress) as progress:
-        for start in starts:
-            batch = texts[start : start + args.batch_size]
-            encoded = tokenizer(
-                [text for _, text in batch],
-                padding=True,
-                truncation=args.max_length is not None,
-                max_length=args.max_length,
-                return_tensors="pt",
-            ).to(args.device)
+    show_progress = not args.no_progress and len(batches) > 1 and sys.stderr.isatty()
+    with (
+        _scores_output(args.output) as output,
+        tqdm(total=len(texts), unit="text", file=sys.stderr, disable=not show_progress) as progress,
+    ):
+        for batch, encoded in batches:
+            encoded = encoded.to(args.device)
             scores = model.compute_sequence_scores(
                 encoded["input_ids"], encoded["attention_mask"], normalize=args.normalize
             )
             for (number, text), score in zip(batch, scores.tolist(), strict=True):
-                print(json.dumps({"line": number, "text": text, "score": score}, ensure_ascii=False))
-            sys.stdout.flush()
+                print(json.dumps({"line": number, "text": text, "score": score}, ensure_ascii=False), file=output)
+            if output is sys.stdout:
+                output.flush()
             progress.update(len(batch))
     return 0
 
@@ -425,8 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Scores each line of a file (`-` reads stdin) with model.compute_sequence_scores: the value (or the reward "
         "adapter's score) at the last token of the text, tokenised with the model's tokenizer (padding on the right "
         "with the eos token when it has no pad token). Prints one JSON object per line: "
-        '{"line": n, "text": ..., "score": ...}. An empty line is an error. Causal models only.',
-        f"{PROG} score ./reward-model --input answers.txt --normalize > scores.jsonl",
+        '{"line": n, "text": ..., "score": ...}; with --output FILE they are written to FILE instead, through a '
+        "temporary file beside it that replaces FILE once every line is scored, so a failure leaves no partial FILE "
+        "(and an existing one as it was). Every line is read, checked and tokenised before the first score: a blank "
+        "line, bytes that are not UTF-8, a NUL byte, or a text longer than the model takes (when --max-length is not "
+        "given) is an error naming the line, and nothing is written. Causal models only.",
+        f"{PROG} score ./reward-model --input answers.txt --normalize --output scores.jsonl",
     )
     score.add_argument("model", metavar="MODEL", help="a local directory or a hub id")
     score.add_argument("--input", required=True, metavar="FILE", help="the texts, one per line (`-` for stdin)")
@@ -435,6 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--normalize", action="store_true", help="return (score - mean) / std with the statistics saved with the model"
     )
     score.add_argument("--max-length", type=_positive_int, help="truncate texts to this many tokens")
+    score.add_argument(
+        "--output",
+        metavar="FILE",
+        help="write the JSON lines to FILE (replaced at once when every line is scored) instead of stdout",
+    )
     score.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal)")
     score.add_argument("--device", default="cpu", help="where to run the model, e.g. cuda:0 (default: cpu)")
     _add_cache_dir(score)

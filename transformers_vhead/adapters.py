@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -47,27 +46,6 @@ _PROMPT_LEARNING_REASON = (
     "longer line up with input_ids and the value of each token would be misplaced; TRL rejects them for the same "
     "reason. Use LoRA or another adapter that changes the layers (IA3, LoHa, ...)."
 )
-
-
-class AdapterLock:
-    """A re-entrant lock held while a model's active adapter or modes are switched. A deep copy or a pickle of the
-    model gets a fresh lock (a thread lock itself can be neither copied nor pickled)."""
-
-    def __init__(self):
-        self._lock = threading.RLock()
-
-    def __enter__(self) -> AdapterLock:
-        self._lock.acquire()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._lock.release()
-
-    def __deepcopy__(self, memo: dict) -> AdapterLock:
-        return AdapterLock()
-
-    def __reduce__(self):
-        return AdapterLock, ()
 
 
 def check_peft_config(peft_config: object) -> PeftConfig:
@@ -234,7 +212,9 @@ def load_adapter(
     hub_kwargs: dict | None = None,
 ) -> PeftModel:
     """Loads a saved adapter onto `model` (wrapping it in a `PeftModel` first if it is not one), after checking that it
-    fits, so a mismatched adapter leaves the model untouched.
+    fits, so a mismatched adapter leaves the model untouched. The weights file peft will read is read by us first (a
+    safetensors header, or a pickle memory-mapped with `weights_only=True`), so a corrupt or hostile file is refused
+    with our error before peft opens it.
 
     Args:
         model: the language model.
@@ -246,6 +226,8 @@ def load_adapter(
     Raises:
         AdapterNotFoundError, AdapterMismatchError, PeftConfigError: see [`require_adapter`], [`check_adapter_fits`],
             [`check_peft_config`].
+        UnsafePickleError: `adapter_model.bin` would run code when unpickled (it is not unpickled).
+        CorruptCheckpointError: the adapter's weights file is truncated or corrupt.
     """
     config_file, weights_file = require_adapter(model_id, hub_kwargs or {})
     peft = require_peft(f"Loading the PEFT adapter at {model_id}")

@@ -4,16 +4,25 @@ No `from __future__ import annotations` here: transformers' strict config datacl
 annotations, and string annotations would silently switch that validation off.
 """
 
+import json
 import os
 from typing import Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
 
-from .errors import HiddenSizeNotFoundError, UnknownBaseModelTypeError, UnknownInitStrategyError, WrongModelKindError
+from .errors import (
+    HiddenSizeNotFoundError,
+    InvalidConfigError,
+    TransformersVheadError,
+    UnknownBaseModelTypeError,
+    UnknownInitStrategyError,
+    WrongModelKindError,
+)
 
 # `None` keeps PyTorch's default `nn.Linear` init, as TRL did; "normal" draws N(0, v_head_initializer_range), zero bias.
 V_HEAD_INIT_STRATEGIES = (None, "normal")
@@ -198,19 +207,93 @@ class ValueHeadConfig(PreTrainedConfig):
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
-        """Reads `config.json`; a plain model's config becomes `text_config` (its checkpoint gets a fresh head)."""
-        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        return cls._as_value_head_dict(config_dict, str(pretrained_model_name_or_path)), kwargs
+        """Reads `config.json`; a plain model's config becomes `text_config` (its checkpoint gets a fresh head).
+
+        Raises:
+            InvalidConfigError: `config.json` is not JSON, not a JSON object, or names no `model_type`.
+        """
+        source = str(pretrained_model_name_or_path)
+        try:
+            config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        except OSError as exc:
+            # transformers replaces the JSON error with a bare OSError; the error it replaced says where the JSON breaks
+            if not isinstance(exc.__context__, (json.JSONDecodeError, UnicodeDecodeError)):
+                raise
+            raise InvalidConfigError(
+                f"{_config_file_of(source)} is not valid JSON ({exc.__context__}): the file is corrupt or cut short. "
+                "Save the model again with save_pretrained, or download the file again."
+            ) from exc
+        if not isinstance(config_dict, dict) or not isinstance(config_dict.get("model_type"), str):
+            what = "no `model_type`" if isinstance(config_dict, dict) else f"a JSON {type(config_dict).__name__}"
+            raise InvalidConfigError(
+                f"{_config_file_of(source)} holds {what}, so it does not say which model it describes. A value-head "
+                f'model\'s config has "model_type": "{cls.model_type}" and the wrapped model\'s config under '
+                '`text_config`; a plain model\'s has its own model_type (e.g. "llama"). Fix the file, or save the '
+                "model again with save_pretrained."
+            )
+        kwargs.setdefault("name_or_path", source)  # lets `from_dict` name the file, as it can under AutoConfig
+        return cls._as_value_head_dict(config_dict, source), kwargs
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
         """Like `PreTrainedConfig.from_dict`, and a keyword that is a setting of the wrapped model goes to `text_config`
-        (`from_pretrained(path, attention_dropout=0.1)` means what it means for the plain model)."""
+        (`from_pretrained(path, attention_dropout=0.1)` means what it means for the plain model).
+
+        This is where `from_pretrained` and `AutoConfig.from_pretrained` build the config from `config.json`, so the
+        dict is held to what a saved config has: a `text_config` that names its `model_type` (a config built in code
+        may leave it out and get TRL's default, GPT-2; a saved one always has it, so a file without it is damaged), and
+        fields of the right types.
+
+        Raises:
+            InvalidConfigError: no `text_config`, a `text_config` that is not an object or names no `model_type`, or a
+                field of the wrong type, naming the `config.json` it came from (`name_or_path`).
+        """
         return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
-        config, unused = super().from_dict(cls._as_value_head_dict(config_dict), return_unused_kwargs=True, **kwargs)
+        source = _config_file_of(kwargs.get("name_or_path"))
+        config_dict = cls._as_value_head_dict(config_dict)
+        cls._check_text_config(config_dict, source)
+        as_read = dict(config_dict)  # `PreTrainedConfig.from_dict` writes some keywords into the dict
+        try:
+            config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+        except TransformersVheadError:
+            raise
+        except (StrictDataclassError, ValueError, TypeError, KeyError) as exc:
+            if not _fails_alone(cls, as_read):
+                raise  # the keywords given with the file are wrong, not the file
+            detail = " ".join(str(exc).split()).split(" Errors: ")[0]  # a union's error lists each member's again
+            detail = detail if len(detail) <= 400 else detail[:400] + " ..."
+            raise InvalidConfigError(
+                f"{source} cannot describe a {cls.base_model_kind} with a value head: {detail}. Fix that field (the "
+                "file was edited by hand or is corrupt), or save the model again with save_pretrained."
+            ) from exc
         for key in [key for key in unused if hasattr(config.text_config, key)]:
             setattr(config.text_config, key, unused.pop(key))
         return (config, unused) if return_unused_kwargs else config
+
+    @classmethod
+    def _check_text_config(cls, config_dict: dict[str, Any], source: str) -> None:
+        text_config = config_dict.get("text_config")
+        if isinstance(text_config, PreTrainedConfig):
+            return
+        if text_config is None:
+            raise InvalidConfigError(
+                f"{source} has no `text_config`: the config of the language model a {cls.__name__} wraps is missing, "
+                "so it cannot say which model to build. Save the model again with save_pretrained, or load the base "
+                "model's own directory for a fresh value head."
+            )
+        if not isinstance(text_config, dict):
+            raise InvalidConfigError(
+                f"{source} has a `text_config` of type {type(text_config).__name__} ({str(text_config)[:60]!r}); it "
+                "must be a JSON object, the wrapped model's config. Fix the file, or save the model again with "
+                "save_pretrained."
+            )
+        if not isinstance(text_config.get("model_type"), str):
+            raise InvalidConfigError(
+                f"{source} has a `text_config` without a `model_type`, so it does not say which model it wraps (it "
+                f"would silently become a {cls.sub_configs_defaults['text_config'].model_type}). Add the wrapped "
+                'model\'s model_type to text_config (e.g. "model_type": "llama"), or save the model again with '
+                "save_pretrained."
+            )
 
     @classmethod
     def _as_value_head_dict(cls, config_dict: dict[str, Any], name_or_path: str | None = None) -> dict[str, Any]:
@@ -228,6 +311,27 @@ class ValueHeadConfig(PreTrainedConfig):
             "dtype": config_dict.get("dtype", config_dict.get("torch_dtype")),
             "base_model_name_or_path": name_or_path,
         }
+
+
+def _config_file_of(name_or_path: str | os.PathLike | None) -> str:
+    """How an error names the `config.json` of `name_or_path`: its path, or the hub id it belongs to."""
+    if not name_or_path:
+        return "The config dict"
+    path = str(name_or_path)
+    if os.path.isdir(path):
+        return os.path.join(path, "config.json")
+    if os.path.isfile(path):
+        return path
+    return f"The config.json of {path}"
+
+
+def _fails_alone(config_class: type[PreTrainedConfig], config_dict: dict[str, Any]) -> bool:
+    """Whether `config_dict` fails to build a config without any keyword (run only once building it failed)."""
+    try:
+        config_class(**config_dict)
+    except Exception:
+        return True
+    return False
 
 
 for _name in TEXT_CONFIG_ATTRIBUTES:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +26,6 @@ from transformers.utils import ModelOutput, logging
 
 from .adapters import (
     KBIT_TRAINING_KEYWORDS,
-    AdapterLock,
     AdapterMethods,
     add_adapter,
     check_language_model,
@@ -48,15 +48,19 @@ from .configuration import (
 )
 from .distributed import gather_for_save, refuse_zero3_shards, wait_for_writer, writes_checkpoint
 from .errors import (
+    CheckpointMismatchError,
     HeadShapeMismatchError,
+    InvalidConfigError,
     InvalidModelSourceError,
     MissingLMHeadError,
     RewardAdapterError,
 )
 from .heads import NOT_GIVEN, ValueHead, init_linear
 from .hub import push_to_hub
+from .inputs import check_model_inputs
 from .loading import (
     ADAPTER_HEAD_NAMES,
+    HEAD_BIAS_KEY,
     HEAD_WEIGHT_KEY,
     HIDDEN_LAYER_PREFIX,
     CheckpointHead,
@@ -67,6 +71,7 @@ from .loading import (
     hub_kwargs_of,
     read_value_head,
 )
+from .locking import AdapterLock
 from .outputs import (
     CausalLMOutputWithValue,
     CausalLMOutputWithValueAndPast,
@@ -207,20 +212,26 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
         return super()._move_missing_keys_from_meta_to_device(missing_keys, device_map, *args, **kwargs)
 
     def _forward_with_value(self, inputs: dict[str, Any], return_past_key_values: bool, return_logits: bool):
-        """The forward of both classes: the wrapped model once, the head on the final hidden state it captured."""
+        """The forward of both classes: the wrapped model once, the head on the final hidden state it captured.
+
+        The inputs are checked first ([`check_model_inputs`]), and the call holds the model's lock, so that a switch
+        of adapter or modes in another thread (scoring, `as_reference`) cannot happen during it.
+        """
+        check_model_inputs(self, inputs)
         return_dict = inputs.pop("return_dict", True)
         if inputs.get("use_cache") is None and (return_past_key_values or not return_logits):
             inputs["use_cache"] = return_past_key_values  # no cache for a value-only call unless it is asked for
         if not return_logits and inputs.get("labels") is not None:
             raise ValueError("A value-only call (return_logits=False) cannot compute the LM loss: drop `labels`.")
         base_output = None
-        with final_hidden_state(self.pretrained_model.get_decoder(), stop=not return_logits) as captured:
-            base_output = self.pretrained_model(**inputs)
-        last_hidden_state = captured[-1]
-        head_device = self.v_head.summary.weight.device
-        if head_device.type != "meta":  # a head offloaded by accelerate is on meta; its hook moves the input itself
-            last_hidden_state = last_hidden_state.to(head_device)
-        value = self.v_head(last_hidden_state).squeeze(-1)
+        with self._adapter_lock.shared():  # the adapters and modes stay as they are until the head has run
+            with final_hidden_state(self.pretrained_model.get_decoder(), stop=not return_logits) as captured:
+                base_output = self.pretrained_model(**inputs)
+            last_hidden_state = captured[-1]
+            head_device = self.v_head.summary.weight.device
+            if head_device.type != "meta":  # a head offloaded by accelerate is on meta; its hook moves the input itself
+                last_hidden_state = last_hidden_state.to(head_device)
+            value = self.v_head(last_hidden_state).squeeze(-1)
 
         output_class = self._output_class_with_past if return_past_key_values else self._output_class
         fields = {"value": value}
@@ -250,9 +261,11 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
         return self(input_ids=input_ids, attention_mask=attention_mask, return_logits=False, **kwargs).value
 
     def generate(self, *args, **kwargs):
-        """The wrapped model's `generate`: same tokens as the bare model, and the value head never runs."""
-        without_peft(self.pretrained_model).generation_config = self.generation_config  # the one saved with this model
-        return self.pretrained_model.generate(*args, **kwargs)
+        """The wrapped model's `generate`: same tokens as the bare model, and the value head never runs. It holds the
+        model's lock throughout, so no other thread's adapter switch (scoring, `as_reference`) lands mid-generation."""
+        with self._adapter_lock.shared():
+            without_peft(self.pretrained_model).generation_config = self.generation_config  # the one saved with us
+            return self.pretrained_model.generate(*args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -287,6 +300,11 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
             InvalidModelSourceError: the argument is neither a path, a hub id nor a model.
             HeadShapeMismatchError: the checkpoint's head does not fit the model (names the file and both shapes).
             CorruptCheckpointError: a weights file is truncated or corrupt (names the file).
+            InvalidConfigError: a `config.json` that cannot describe a model: not JSON, a field of the wrong type, no
+                `text_config`, or one without `model_type` (names the file, or the hub id).
+            CheckpointMismatchError: the weights do not fit the model the config describes: none of them fit (the
+                config names another model), a shape differs (unless `ignore_mismatched_sizes=True`), or, in this
+                package's own layout, a tensor is missing or left over (names the directory and the keys).
             PeftConfigError: `peft_config` is not a usable `PeftConfig`, or an adapter is prompt learning.
             RewardAdapterError, AdapterNotFoundError, MissingScoreHeadError, AdapterMismatchError: a bad reward
                 adapter (see [`add_and_load_reward_modeling_adapter`]).
@@ -362,13 +380,28 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
                 kwargs = _with_layout_settings(kwargs, head)
                 hidden_layer_size = kwargs.get("v_head_hidden_size") or config.v_head_hidden_size
                 _check_head_shape(head, config.text_config, hidden_layer_size)
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        model = _model_of(loaded)
+        # transformers' own load report, always, to check the weights against the model (the caller gets it only if
+        # asked); sizes that differ are reported rather than raised, so that the error can name them
+        load_kwargs = {**kwargs, "output_loading_info": True, "ignore_mismatched_sizes": True}
+        model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *model_args, **load_kwargs)
+        missing_on_load = model.__dict__.pop("_missing_on_load", None)  # None: transformers skipped that step
+        ignore_sizes = bool(kwargs.get("ignore_mismatched_sizes"))
+        _check_weights_fit(model, loading_info, missing_on_load, head, pretrained_model_name_or_path, ignore_sizes)
         share_quantization_state(model, model.pretrained_model)  # before any adapter: peft reads it there
         if head is not None:
             model._finish_head_load(head)
+        elif missing_on_load is not None and not _head_keys(model) & missing_on_load:
+            # transformers loaded the whole head from the checkpoint although no layout of ours named it (the caller's
+            # `key_mapping` did): it holds the saved tensors all the same
+            model.v_head_source = HeadSource(file=str(pretrained_model_name_or_path))
         model._own_head_memory()
-        return loaded
+        return (model, loading_info) if kwargs.get("output_loading_info") else model
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        # transformers drops the keys `_keys_to_ignore_on_load_missing` names (the head's, so that a fresh head is not
+        # reported as missing) from its report here; which of the head's tensors the checkpoint lacked is kept first
+        self._missing_on_load = set(loading_info.missing_keys)
+        super()._adjust_missing_and_unexpected_keys(loading_info)
 
     @torch.no_grad()
     def _own_head_memory(self) -> None:
@@ -382,8 +415,9 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
                 parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
 
     def _finish_head_load(self, head: CheckpointHead) -> None:
-        """After transformers' load: reads a head kept in a file of its own, zeroes the bias a bias-free head (a
-        sequence classifier's `score`) lacks, and records where the head came from."""
+        """After transformers' load: reads a head kept in a file of its own (which must hold exactly the head's
+        tensors: `CheckpointMismatchError` otherwise), zeroes the bias a bias-free head (a sequence classifier's
+        `score`) lacks, and records where the head came from."""
         if head.key_mapping:  # transformers keeps the mapping to save in the loaded layout again; we save our own
             self._weight_conversions = [
                 conversion
@@ -393,6 +427,7 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
         with _whole_head(self.v_head):
             if head.separate_file:
                 state_dict = read_value_head(head.file)
+                _check_head_file_fits(self.v_head, state_dict, head.file)
                 device = self.v_head.summary.weight.device
                 self.v_head.load_state_dict({key: tensor.to(device) for key, tensor in state_dict.items()})
             elif not head.has_bias:
@@ -460,13 +495,21 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
         **kwargs,
     ) -> None:
         """`PreTrainedModel.save_pretrained` (safetensors, sharding, config, generation config), plus a `README.md`
-        model card when the directory has none (or `overwrite_model_card=True`). Files are written to a staging folder
-        first, so a save that fails half-way leaves the checkpoint already in `save_directory` intact.
+        model card when the directory has none (or `overwrite_model_card=True`). The checkpoint is written to a staging
+        folder beside `save_directory`, which then replaces the directory as a whole in one step (the other files of
+        the directory are kept, hard-linked): killed or failing at any point, the save leaves the old checkpoint or
+        the new one, never a mix (see [`transformers_vhead.saving.staged_save`], and its fallback where a directory
+        cannot be swapped). In a distributed run only the writing rank stages and publishes.
 
         A PEFT policy is saved as its adapter (peft's files, an ordinary adapter of the base model), the value head in
         `value_head.safetensors`, and this model's `config.json` (the head's settings). The reward adapter and a
         reference adapter are not saved: they are inputs of training, loaded again with `reward_adapter=` and
         `copy_adapter_as_reference()`.
+
+        Raises:
+            CheckpointSaveError: the directory (or, for a new one, its parent) is not writable, refused before anything
+                is written; or writing failed (a full disk, a quota, a file-size limit), naming the file, with the old
+                checkpoint untouched.
         """
         state_dict, gathered = gather_for_save(self, state_dict)  # FSDP2's shards: a collective of every rank
         is_main_process = writes_checkpoint(is_main_process)
@@ -681,6 +724,123 @@ def _check_head_shape(head: CheckpointHead, text_config, hidden_layer_size: int 
             )
 
 
+# Layouts whose head is always saved whole (weight and bias, and trlx's hidden layer): a tensor of it that did not load
+# is a corrupt checkpoint. A classifier's `score` (and OpenRLHF's, DeepSpeed-Chat's) has no bias: it loads as zero.
+_WHOLE_HEAD_LAYOUTS = ("transformers-vhead", "TRL", "trlx")
+_OWN_PREFIXES = ("pretrained_model.", "v_head.")
+_LISTED = 5  # keys of each kind an error lists
+
+
+def _head_keys(model) -> set[str]:
+    return {f"v_head.{key}" for key in model.v_head.state_dict()}
+
+
+def _listed(keys) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - _LISTED} more" if len(keys) > _LISTED else ""
+    return ", ".join(keys[:_LISTED]) + more
+
+
+def _ignored(keys: set[str], patterns) -> set[str]:
+    """The wrapped model's keys (named with our `pretrained_model.` prefix) that its own class says to ignore."""
+    if not patterns:
+        return set()
+    pattern = re.compile("|".join(f"({pattern})" for pattern in patterns))
+    return {key for key in keys if pattern.search(key.removeprefix("pretrained_model."))}
+
+
+def _check_weights_fit(
+    model,
+    loading_info: dict,
+    missing_on_load: set[str] | None,
+    head: CheckpointHead | None,
+    source,
+    ignore_mismatched_sizes: bool,
+) -> None:
+    """Raises `CheckpointMismatchError` when the weights transformers loaded do not fit the model the config built.
+
+    Read from transformers' own load report (no file is read again):
+    - in every layout: none of the wrapped model's weights loaded (the config names another model than the weights
+      are for), a tensor whose shape differs (unless `ignore_mismatched_sizes`), a head found in the checkpoint that
+      did not load whole (`_WHOLE_HEAD_LAYOUTS`), or only part of one;
+    - in our own layout (a head of ours found, or tensors named in our namespace left over): any tensor the model
+      lacks, and any weight of the model the checkpoint lacks, except what the wrapped model's class says to ignore
+      (transformers has already left out tied weights and buffers that are not saved).
+    Other layouts keep transformers' behaviour: a classifier lacks its LM head, a trlx checkpoint holds a reference
+    branch; the load report (and our warning) says so.
+    """
+    missing = set(loading_info["missing_keys"])
+    unexpected = set(loading_info["unexpected_keys"])
+    mismatched = {key: (tuple(saved), tuple(wanted)) for key, saved, wanted in loading_info["mismatched_keys"]}
+    base = without_peft(model.pretrained_model)
+    missing_base = {key for key in missing if key.startswith("pretrained_model.")}
+    # listing the model's keys costs a walk over its modules: done only when some of its weights did not load
+    base_keys = {f"pretrained_model.{key}" for key in base.state_dict()} if missing_base or mismatched else set()
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    problems = []
+    if base_keys and not base_keys - missing_base - set(mismatched) - tied:
+        kind = f"{type(base).__name__} (model_type {base.config.model_type!r})"
+        found = f"; the checkpoint holds {_listed(unexpected)} instead" if unexpected else ""
+        raise CheckpointMismatchError(
+            f"None of the weights of the {kind} that the config of {source} describes are in its checkpoint (it "
+            f"lacks {_listed(missing_base)}{found}): the config names another model than the weights are for, or the "
+            "weights are not this model's. Fix the model_type in config.json (text_config's, for a value-head "
+            "model), or load the directory the weights were saved to."
+        )
+    if mismatched and not ignore_mismatched_sizes:
+        shapes = {f"{key} (checkpoint {saved}, model {wanted})" for key, (saved, wanted) in mismatched.items()}
+        problems.append(f"shapes that differ: {_listed(shapes)}")
+    if missing_on_load is not None:
+        head_missing = _head_keys(model) & missing_on_load
+        if head is not None and not head.separate_file:
+            may_lack = set() if head.layout in _WHOLE_HEAD_LAYOUTS or head.has_bias else {HEAD_BIAS_KEY}
+            head_missing -= may_lack
+        elif head_missing == _head_keys(model):
+            head_missing = set()  # no head in the checkpoint: a fresh one (or one read from its own file)
+        if head_missing:
+            problems.append(f"value head tensors it lacks: {_listed(head_missing)}")
+    own_layout = (head is not None and head.layout == "transformers-vhead") or any(
+        key.startswith(_OWN_PREFIXES) for key in unexpected
+    )
+    if own_layout:
+        unexpected -= _ignored(unexpected, base._keys_to_ignore_on_load_unexpected)
+        missing = missing_base - _ignored(missing_base, base._keys_to_ignore_on_load_missing)
+        if unexpected:
+            problems.append(f"tensors the model does not have: {_listed(unexpected)}")
+        if missing:
+            problems.append(f"weights of the model it lacks: {_listed(missing)}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"The checkpoint at {source} does not fit the {type(base).__name__} its config describes: "
+            f"{'; '.join(problems)}. A tensor was renamed, dropped, added or resized (a corrupt or hand-edited "
+            "checkpoint), or config.json names another model than the weights are for. Restore the checkpoint and "
+            "its config.json from a good copy, or save the model again."
+        )
+
+
+def _check_head_file_fits(v_head: nn.Module, state_dict: dict[str, torch.Tensor], file: str) -> None:
+    """Raises `CheckpointMismatchError` unless a head read from a file of its own has exactly the head's tensors."""
+    expected = v_head.state_dict()
+    problems = []
+    if lacking := set(expected) - set(state_dict):
+        problems.append(f"it lacks {_listed(f'v_head.{key}' for key in lacking)}")
+    if extra := set(state_dict) - set(expected):
+        problems.append(f"the head has no {_listed(f'v_head.{key}' for key in extra)}")
+    resized = {
+        f"v_head.{key} (file {tuple(tensor.shape)}, model {tuple(expected[key].shape)})"
+        for key, tensor in state_dict.items()
+        if key in expected and tensor.shape != expected[key].shape
+    }
+    if resized:
+        problems.append(f"shapes that differ: {_listed(resized)}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"The value head in {file} does not fit this model's head: {'; '.join(problems)}. The file is corrupt or "
+            "was written for another head (e.g. with or without a hidden layer). Restore it from a good copy, or load "
+            "the model without it for a fresh head."
+        )
+
+
 def _with_layout_settings(kwargs: dict, head: CheckpointHead) -> dict:
     """`from_pretrained`'s keywords plus what loading `head` needs: its key mapping, and the settings its layout
     implies (trlx's MLP width, OpenRLHF's reward statistics) unless the caller or a config of ours sets them."""
@@ -704,9 +864,16 @@ def _saved_head_settings(directory: str, config_class: type[ValueHeadConfig]) ->
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as file:
-        saved = json.load(file)
-    if saved.get("model_type") != config_class.model_type:
+        try:
+            saved = json.load(file)
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise InvalidConfigError(
+                f"{path} is not valid JSON ({exc}): the file is corrupt or cut short. Save the model again with "
+                "save_pretrained, or download the file again."
+            ) from exc
+    if not isinstance(saved, dict) or saved.get("model_type") != config_class.model_type:
         return {}
+    config_class.from_dict(dict(saved), name_or_path=directory)  # a field of the wrong type names this file
     return {key: saved[key] for key in HEAD_SETTINGS if key in saved}
 
 

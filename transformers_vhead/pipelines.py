@@ -20,7 +20,7 @@ import torch
 from transformers import Pipeline, PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import Chat
 
-from .errors import NotAValueHeadModelError
+from .errors import EmptySequenceError, InvalidInputError, NotAValueHeadModelError
 from .modeling import PreTrainedModelWrapper
 
 TASK = "value-scoring"
@@ -68,6 +68,8 @@ class ValueScoringPipeline(Pipeline):
 
     Raises:
         NotAValueHeadModelError: the model has no value head (a plain language model).
+        InvalidInputError: an empty list of inputs; `EmptySequenceError` for a text that tokenizes to no tokens (an
+            empty string); before anything runs. The model's own checks ([`check_model_inputs`]) apply to the rest.
     """
 
     _load_tokenizer = True
@@ -88,6 +90,14 @@ class ValueScoringPipeline(Pipeline):
         super().__init__(model, *args, **kwargs)
         if self.tokenizer is None:
             raise ValueError(f"The {TASK!r} pipeline needs a tokenizer: pass `tokenizer=...`.")
+
+    def __call__(self, inputs, *args, **kwargs):
+        if isinstance(inputs, (list, tuple)) and len(inputs) == 0:  # transformers' own answer is an IndexError
+            raise InvalidInputError(
+                f"The {TASK!r} pipeline got an empty list: there is no text to score. Pass a string, chat messages, "
+                "or a list of at least one of them."
+            )
+        return super().__call__(inputs, *args, **kwargs)
 
     @property
     def _is_seq2seq(self) -> bool:
@@ -134,13 +144,14 @@ class ValueScoringPipeline(Pipeline):
             return self._preprocess_seq2seq(inputs, settings)
         if isinstance(inputs, Chat):
             text = self.tokenizer.apply_chat_template(inputs.messages, tokenize=False)
-            return dict(self.tokenizer(text, add_special_tokens=False, **settings))  # the template writes them
+            encoded = dict(self.tokenizer(text, add_special_tokens=False, **settings))  # the template writes them
+            return _with_tokens(encoded, f"The chat {_shown(inputs.messages)}")
         if not isinstance(inputs, str):
             raise ValueError(
                 f"The {TASK!r} pipeline scores a string or chat messages (a list of {{'role', 'content'}} dicts) with "
                 f"a causal model, got {type(inputs).__name__}."
             )
-        return dict(self.tokenizer(inputs, **settings))
+        return _with_tokens(dict(self.tokenizer(inputs, **settings)), f"The text {_shown(inputs)}")
 
     def _preprocess_seq2seq(self, inputs, settings: dict) -> dict[str, torch.Tensor]:
         if not (isinstance(inputs, dict) and set(inputs) == SEQ2SEQ_KEYS):
@@ -149,6 +160,7 @@ class ValueScoringPipeline(Pipeline):
                 f"{{'text': source, 'text_target': target}} (or a list of them), got {type(inputs).__name__}."
             )
         source = self.tokenizer(inputs["text"], **settings)
+        _with_tokens(source, f"The source text {_shown(inputs['text'])}")
         target = self.tokenizer(text_target=inputs["text_target"], **settings)["input_ids"]
         start = self.model.config.decoder_start_token_id
         if start is None:
@@ -184,3 +196,19 @@ class ValueScoringPipeline(Pipeline):
             output["values"] = model_outputs["token_scores"][0][attended].tolist()
             output["tokens"] = self.tokenizer.convert_ids_to_tokens(model_outputs["ids"][0][attended].tolist())
         return output
+
+
+def _with_tokens(encoded, what: str):
+    """`encoded`, unless its `input_ids` hold no token: then the input cannot be scored (there is no last token)."""
+    if encoded["input_ids"].shape[-1] == 0:
+        raise EmptySequenceError(
+            f"{what} tokenizes to no tokens, so it has no last token to score: drop empty texts, or score them with "
+            "a tokenizer that adds a BOS token."
+        )
+    return encoded
+
+
+def _shown(value) -> str:
+    """`value` for a message: its repr, cut at 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

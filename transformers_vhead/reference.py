@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -27,8 +28,13 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput, logging
 
 from .errors import LayerStackNotFoundError, ReferenceModelError
+from .inputs import check_model_inputs, inputs_checked
 
 logger = logging.get_logger(__name__)
+
+# reference -> the lock that keeps its one-pass forwards (whose replay patches its layers) one at a time; weak, so that
+# nothing is kept on the model (a thread lock can be neither deep-copied nor pickled) nor kept alive
+_ONE_PASS_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 _LOOKED_FOR = "a torch.nn.ModuleList of blocks of one class (the decoder layers) in the decoder (`model.get_decoder()`)"
 
@@ -416,10 +422,16 @@ class ReferenceMethods:
         Returns:
             fp32 `(batch, seq - 1)`: entry `t` is log p(token `t + 1` | tokens up to `t`) (for a seq2seq model, of the
             `decoder_input_ids`).
+
+        Raises:
+            InvalidInputError: inputs the model cannot run (see [`check_model_inputs`]), before the adapters switch.
         """
-        with self.as_reference():
-            logits = self(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-        return next_token_logprobs(logits, self._scored_tokens(input_ids, kwargs))
+        tokens = self._scored_tokens(input_ids, kwargs)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        check_model_inputs(self, inputs)
+        with self.as_reference(), inputs_checked():
+            logits = self(**inputs).logits
+        return next_token_logprobs(logits, tokens)
 
     def forward_with_reference(
         self,
@@ -452,6 +464,8 @@ class ReferenceMethods:
 
         Raises:
             ReferenceModelError: the policy trains parameters the reference shares.
+            InvalidInputError: inputs the models cannot run (see [`check_model_inputs`]), checked once, before either
+                forward.
 
         Example:
 
@@ -468,13 +482,18 @@ class ReferenceMethods:
         kwargs.pop("return_dict", None)
         tokens = self._scored_tokens(input_ids, kwargs) if return_logprobs else None  # checked before any forward
         inputs = {**kwargs, "input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        check_model_inputs(self, inputs)
         problem = _one_pass_problem(self, ref_model)
         warned = ref_model.__dict__.setdefault("_one_pass_warnings", set())  # once per reference and reason
         if problem is not None and problem not in warned:
             warned.add(problem)
             logger.warning(f"forward_with_reference runs the reference's full forward: {problem}.")
         trunk = None if problem is not None else ref_model.shared_trunk
-        with getattr(ref_model, "_adapter_lock", None) or nullcontext():
+        # No switch of either model during the pass (shared holds: other threads' calls still run, and the reference's
+        # shared layers replay for this thread only); one pass at a time per reference, which patches its layers.
+        ref_lock = getattr(ref_model, "_adapter_lock", None)
+        one_pass = _ONE_PASS_LOCKS.setdefault(ref_model, threading.Lock()) if trunk is not None else nullcontext()
+        with one_pass, self._adapter_lock.shared(), ref_lock.shared() if ref_lock else nullcontext(), inputs_checked():
             with _branch_output(self, trunk) as captured:
                 output = self(**inputs)
             ref_inputs = inputs

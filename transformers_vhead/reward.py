@@ -9,7 +9,6 @@ serialises scoring, so concurrent callers never see each other's adapter switch.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from typing import TYPE_CHECKING
 
@@ -20,9 +19,17 @@ from transformers.utils import logging
 from .adapters import check_adapter_fits, load_adapter, require_adapter
 from .capture import final_hidden_state
 from .configuration import resolve_hidden_size
-from .errors import AdapterMismatchError, EmptySequenceError, MissingScoreHeadError, RewardAdapterError
+from .errors import (
+    AdapterMismatchError,
+    CorruptCheckpointError,
+    EmptySequenceError,
+    InvalidConfigError,
+    MissingScoreHeadError,
+    RewardAdapterError,
+)
 from .heads import ScoreHead
-from .loading import hub_kwargs_of, read_tensor_shapes, read_tensors, resolve_file
+from .inputs import check_model_inputs
+from .loading import hub_kwargs_of, read_config_dict, read_tensor_shapes, read_tensors
 from .peft_support import is_peft_model, require_peft, without_peft
 
 if TYPE_CHECKING:
@@ -46,19 +53,37 @@ def _score_tensors(weights_file: str, shapes: dict[str, tuple[int, ...]]) -> dic
             "A reward adapter is trained with task_type='SEQ_CLS', whose `score` layer peft saves with the adapter "
             "(modules_to_save); train and save it that way."
         )
+    for name, tensor in tensors.items():  # a broken head would score every sequence NaN, or as noise
+        if not tensor.dtype.is_floating_point:
+            raise CorruptCheckpointError(
+                f"{weights_file} holds the reward head's `{name}` as {str(tensor.dtype).removeprefix('torch.')}, but a "
+                "reward head's weights are floating point: the file is corrupt or is no reward adapter. Load an "
+                "earlier save of the reward adapter."
+            )
+        if not torch.isfinite(tensor.float()).all():
+            raise CorruptCheckpointError(
+                f"{weights_file} holds NaN or infinity in the reward head's `{name}`: the training that wrote it "
+                "diverged, or the file is corrupt. Load an earlier save of the reward adapter."
+            )
     return found
 
 
 def _normalization(model_id: str, hub_kwargs: dict) -> tuple[float | None, float | None]:
-    """OpenRLHF's reward statistics: `mean` and `std` in a `config.json` saved next to the adapter."""
-    config_file = resolve_file(model_id, "config.json", hub_kwargs)
-    if config_file is None:
+    """OpenRLHF's reward statistics: `mean` and `std` in a `config.json` saved next to the adapter.
+
+    Raises:
+        InvalidConfigError: the `config.json` is not a JSON object, or `mean` / `std` are not numbers.
+    """
+    config = read_config_dict(model_id, hub_kwargs)
+    mean, std = config.get("mean"), config.get("std")
+    if mean is None or std is None:
         return None, None
-    with open(config_file, encoding="utf-8") as file:
-        config = json.load(file)
-    if config.get("mean") is None or config.get("std") is None:
-        return None, None
-    return float(config["mean"]), float(config["std"])
+    if not all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in (mean, std)):
+        raise InvalidConfigError(
+            f"The config.json of the reward adapter at {model_id} gives the reward statistics mean={mean!r}, "
+            f"std={std!r}: they must be numbers. Fix them in that file, or remove them to score without normalising."
+        )
+    return float(mean), float(std)
 
 
 def load_reward_adapter(
@@ -73,6 +98,9 @@ def load_reward_adapter(
         AdapterNotFoundError: `adapter_model_id` holds no adapter.
         MissingScoreHeadError: the adapter's weights hold no `score` head (names the file and the keys found).
         AdapterMismatchError: the adapter or its head was trained for a base model of another size.
+        UnsafePickleError: the adapter's `.bin` would run code when unpickled (it is not unpickled).
+        CorruptCheckpointError: its weights file is corrupt, or its `score` head is not finite floating point.
+        InvalidConfigError: the `config.json` beside it is not JSON, or its reward statistics are not numbers.
     """
     if not isinstance(adapter_model_id, (str, os.PathLike)):
         raise RewardAdapterError(
@@ -187,13 +215,16 @@ class RewardScoring:
 
         Raises:
             RewardAdapterError: the model has no reward adapter.
+            InvalidInputError: inputs the model cannot run (see [`check_model_inputs`]), before the adapter is switched.
         """
         if not getattr(self, "supports_rm_adapter", False):
             raise RewardAdapterError(
                 "This model has no reward adapter: load it with `reward_adapter=<path or hub id>` (on a PEFT policy)."
             )
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        check_model_inputs(self, inputs)
         with self._inference_state(switch=True, adapter_name=self.rm_adapter_name):
-            hidden = self._scoring_hidden_states(dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
+            hidden = self._scoring_hidden_states(inputs)
             return self.score(hidden)
 
     def compute_sequence_scores(
@@ -229,6 +260,8 @@ class RewardScoring:
 
         Raises:
             EmptySequenceError: a row of the mask is all zeros.
+            InvalidInputError: other inputs the model cannot run (ids and mask of different shapes, ids out of the
+                vocabulary, float ids, an empty batch; see [`check_model_inputs`]), before any work.
             ValueError: `normalize=True` but no statistics are stored.
 
         Example:
@@ -244,6 +277,7 @@ class RewardScoring:
                 "set `model.config.score_mean` / `model.config.score_std` for the value head."
             )
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        check_model_inputs(self, inputs)
         if self.config.is_encoder_decoder:
             score_mask = kwargs.get("decoder_attention_mask")
         else:
