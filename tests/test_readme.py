@@ -49,3 +49,10 @@ def test_reference_example_runs(llama_dir):
         expected = ref_model(namespace["input_ids"], attention_mask=namespace["attention_mask"]).logits
     torch.testing.assert_close(output.ref_logits, expected, rtol=0, atol=1e-5)
     assert ref_model.shared_trunk.num_shared_layers == 1
+
+
+def test_every_test_file_the_guarantees_name_exists():
+    guarantees = README.read_text().split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(test_\w+\.py)`", guarantees))
+    assert len(named) >= 7
+    assert sorted(name for name in named if not (Path(__file__).parent / name).is_file()) == []
