@@ -29,6 +29,14 @@ from transformers.utils import ModelOutput, logging
 
 from .errors import LayerStackNotFoundError, ReferenceModelError
 from .inputs import check_model_inputs, inputs_checked
+from .logprobs import (
+    check_logprobs_settings,
+    logprobs_from_logits,
+    next_token_logprobs,  # noqa: F401  (imported from here by callers)
+    scored_tokens,
+    token_logprobs,
+)
+from .peft_support import without_peft
 
 logger = logging.get_logger(__name__)
 
@@ -62,11 +70,12 @@ class PolicyAndReferenceOutput(ModelOutput):
 
     Args:
         loss: the policy's LM loss, when `labels` were given.
-        logits: the policy's logits, as its forward returns them.
+        logits: the policy's logits, as its forward returns them (None with `return_logits=False`).
         value: the policy's fp32 values `(batch, seq)`.
-        ref_logits: the reference's logits.
+        ref_logits: the reference's logits (None with `return_logits=False`).
         logprobs, ref_logprobs: with `return_logprobs=True`, fp32 `(batch, seq - 1)`: entry `t` is log p(token `t + 1`
-            | tokens up to `t`) under the policy and under the reference.
+            | tokens up to `t`) under the policy and under the reference, at the temperature.
+        entropy: with `return_entropy=True`, the policy's fp32 entropy `(batch, seq - 1)` at each position.
     """
 
     loss: torch.FloatTensor | None = None
@@ -75,6 +84,7 @@ class PolicyAndReferenceOutput(ModelOutput):
     ref_logits: torch.FloatTensor | None = None
     logprobs: torch.FloatTensor | None = None
     ref_logprobs: torch.FloatTensor | None = None
+    entropy: torch.FloatTensor | None = None
 
 
 def create_reference_model(
@@ -297,13 +307,6 @@ def _left_out_by_pattern(model: nn.Module, trunk: SharedTrunk | None, shared: li
     return next((name for name in trunk.parameters if id(model.get_parameter(name)) not in shared_ids), None)
 
 
-def next_token_logprobs(logits: torch.Tensor, tokens: torch.LongTensor) -> torch.FloatTensor:
-    """fp32 `(batch, seq - 1)`: entry `t` is log p(`tokens[:, t + 1]` | `logits[:, t]`)."""
-    logits = logits[:, :-1].float()
-    targets = tokens[:, 1:].unsqueeze(-1).to(logits.device)
-    return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)
-
-
 def _same_tensor(first: torch.Tensor, second: torch.Tensor) -> bool:
     return (
         first.device == second.device
@@ -383,6 +386,27 @@ def _branch_output(model: nn.Module, trunk: SharedTrunk | None) -> Iterator[list
 
 
 @contextmanager
+def _encoder_output(model: nn.Module, capture: bool) -> Iterator[list]:
+    """Collects the `last_hidden_state` the encoder of `model` (a seq2seq value-head model) returns during the block
+    (this thread's first call); collects nothing unless `capture`."""
+    captured: list = []
+    if not capture:
+        yield captured
+        return
+    thread = threading.get_ident()
+
+    def hook(module: nn.Module, args, output) -> None:
+        if threading.get_ident() == thread and not captured:
+            captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = without_peft(model.pretrained_model).get_encoder().register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def _replaying(reference: nn.Module, trunk: SharedTrunk | None, captured: list) -> Iterator[None]:
     """Within the block the shared layers of `reference` compute nothing: on this thread each returns what the
     policy's last shared layer returned (the layers in between only pass it on); other threads run them as usual."""
@@ -419,6 +443,8 @@ class ReferenceMethods:
     ) -> torch.FloatTensor:
         """The reference's log-probabilities of the given tokens, for a PEFT policy (see [`as_reference`]).
 
+        Computed without the full logits, as [`compute_logprobs`] (which takes the same keywords).
+
         Returns:
             fp32 `(batch, seq - 1)`: entry `t` is log p(token `t + 1` | tokens up to `t`) (for a seq2seq model, of the
             `decoder_input_ids`).
@@ -426,12 +452,10 @@ class ReferenceMethods:
         Raises:
             InvalidInputError: inputs the model cannot run (see [`check_model_inputs`]), before the adapters switch.
         """
-        tokens = self._scored_tokens(input_ids, kwargs)
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        check_model_inputs(self, inputs)
+        scored_tokens(self.config, input_ids, kwargs)
+        check_model_inputs(self, dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
         with self.as_reference(), inputs_checked():
-            logits = self(**inputs).logits
-        return next_token_logprobs(logits, tokens)
+            return self.compute_logprobs(input_ids, attention_mask, **kwargs).logprobs
 
     def forward_with_reference(
         self,
@@ -440,6 +464,9 @@ class ReferenceMethods:
         attention_mask: torch.Tensor | None = None,
         *,
         return_logprobs: bool = False,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+        return_logits: bool = True,
         **kwargs,
     ) -> PolicyAndReferenceOutput:
         """The policy's logits and values and the reference's logits in one call, running the layers they share once:
@@ -457,15 +484,21 @@ class ReferenceMethods:
             input_ids, attention_mask, kwargs: the inputs of both forwards (no cache is used).
             return_logprobs: also return the log-probabilities of the input tokens (the `decoder_input_ids` of a
                 seq2seq model) under both models.
+            temperature: the logits are divided by it for the log-probabilities and the entropy.
+            return_entropy: also return the policy's entropy at each position.
+            return_logits: `False` (with `return_logprobs=True`) computes the log-probabilities and entropy without
+                the full logits, as [`compute_logprobs`]: both forwards stop after their decoder, and `logits` and
+                `ref_logits` are None.
 
         Returns:
             [`PolicyAndReferenceOutput`]: `logits`, `value`, `ref_logits` (and `loss` with `labels`; `logprobs` and
-            `ref_logprobs` with `return_logprobs`).
+            `ref_logprobs` with `return_logprobs`; `entropy` with `return_entropy`).
 
         Raises:
             ReferenceModelError: the policy trains parameters the reference shares.
             InvalidInputError: inputs the models cannot run (see [`check_model_inputs`]), checked once, before either
                 forward.
+            InvalidLogProbsSettingError: a temperature that is not above 0.
 
         Example:
 
@@ -479,8 +512,16 @@ class ReferenceMethods:
             raise ValueError(
                 "forward_with_reference scores whole sequences and takes no cache (`cache` / `past_key_values`)."
             )
+        if not return_logits and (not return_logprobs or kwargs.get("labels") is not None):
+            raise ValueError(
+                "forward_with_reference(return_logits=False) computes log-probabilities without the logits: pass "
+                "return_logprobs=True, and no `labels` (the LM loss needs the logits)."
+            )
+        check_logprobs_settings(temperature, None)
         kwargs.pop("return_dict", None)
-        tokens = self._scored_tokens(input_ids, kwargs) if return_logprobs else None  # checked before any forward
+        scoring = return_logprobs or return_entropy
+        tokens = scored_tokens(self.config, input_ids, kwargs) if scoring else None  # checked before any forward
+        settings = {"temperature": temperature, "return_entropy": return_entropy}
         inputs = {**kwargs, "input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         check_model_inputs(self, inputs)
         problem = _one_pass_problem(self, ref_model)
@@ -494,28 +535,48 @@ class ReferenceMethods:
         ref_lock = getattr(ref_model, "_adapter_lock", None)
         one_pass = _ONE_PASS_LOCKS.setdefault(ref_model, threading.Lock()) if trunk is not None else nullcontext()
         with one_pass, self._adapter_lock.shared(), ref_lock.shared() if ref_lock else nullcontext(), inputs_checked():
+            # the encoder runs before the shared layers: its output is the reference's too
+            share_encoder = trunk is not None and self.config.is_encoder_decoder
+            share_encoder = share_encoder and inputs.get("encoder_outputs") is None
+            if not return_logits:
+                return self._logprobs_with_reference(ref_model, inputs, tokens, trunk, share_encoder, settings)
             with _branch_output(self, trunk) as captured:
                 output = self(**inputs)
             ref_inputs = inputs
-            if trunk is not None and self.config.is_encoder_decoder and inputs.get("encoder_outputs") is None:
-                # the encoder runs before the shared layers: its output is the reference's too
+            if share_encoder:
                 ref_inputs = {**inputs, "encoder_outputs": BaseModelOutput(output.encoder_last_hidden_state)}
             with torch.no_grad(), _replaying(ref_model, trunk, captured):
                 ref_logits = ref_model(**ref_inputs).logits
-        logprobs = {}
+        fields = {}
+        if scoring:
+            logprobs, fields["entropy"] = logprobs_from_logits(output.logits, tokens, **settings)
         if return_logprobs:
-            logprobs = {
-                "logprobs": next_token_logprobs(output.logits, tokens),
-                "ref_logprobs": next_token_logprobs(ref_logits, tokens),
-            }
+            fields.update(logprobs=logprobs, ref_logprobs=next_token_logprobs(ref_logits, tokens, temperature))
         return PolicyAndReferenceOutput(
-            loss=output.loss, logits=output.logits, value=output.value, ref_logits=ref_logits, **logprobs
+            loss=output.loss, logits=output.logits, value=output.value, ref_logits=ref_logits, **fields
         )
 
-    def _scored_tokens(self, input_ids: torch.LongTensor | None, kwargs: dict) -> torch.LongTensor:
-        """The tokens whose log-probabilities are asked for: the decoder's inputs of a seq2seq model."""
-        if not self.config.is_encoder_decoder:
-            return input_ids
-        if kwargs.get("decoder_input_ids") is None:
-            raise ValueError("Log-probabilities of a seq2seq model need `decoder_input_ids`: the tokens to score.")
-        return kwargs["decoder_input_ids"]
+    def _logprobs_with_reference(
+        self, ref_model: nn.Module, inputs: dict, tokens: torch.LongTensor, trunk, share_encoder: bool, settings: dict
+    ) -> PolicyAndReferenceOutput:
+        """`forward_with_reference(return_logits=False)`: the policy's and the reference's log-probs (and the
+        policy's entropy and values) through the chunked path of [`token_logprobs`], both forwards stopping after
+        their decoder. Runs inside `forward_with_reference`'s locks."""
+        with _branch_output(self, trunk) as captured, _encoder_output(self, share_encoder) as encoded:
+            policy = token_logprobs(self.pretrained_model, inputs, tokens, **settings)
+        ref_inputs = inputs
+        if share_encoder:
+            ref_inputs = {**inputs, "encoder_outputs": BaseModelOutput(encoded[0])}
+        with torch.no_grad(), _replaying(ref_model, trunk, captured):
+            reference = token_logprobs(
+                getattr(ref_model, "pretrained_model", ref_model),  # a value-head reference's LM, or a bare one
+                ref_inputs,
+                tokens,
+                temperature=settings["temperature"],
+            )
+        return PolicyAndReferenceOutput(
+            value=self._value_of(policy.hidden_state),
+            logprobs=policy.logprobs,
+            ref_logprobs=reference.logprobs,
+            entropy=policy.entropy,
+        )
