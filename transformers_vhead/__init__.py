@@ -10,8 +10,10 @@ from .configuration import CausalLMWithValueHeadConfig, Seq2SeqLMWithValueHeadCo
 from .export import EXPORT_FORMATS, ExportResult, export_model
 from .heads import ValueHead
 from .loading import HeadSource
+from .logprobs import LogProbsOutput
 from .modeling import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead, PreTrainedModelWrapper
 from .outputs import CausalLMOutputWithValue, Seq2SeqLMOutputWithValue
+from .packing import PackedBatch, pack_batch
 from .pipelines import ValueScoringPipeline
 from .reference import PolicyAndReferenceOutput, SharedTrunk, create_reference_model
 
@@ -25,6 +27,8 @@ __all__ = [
     "CausalLMOutputWithValue",
     "CausalLMWithValueHeadConfig",
     "HeadSource",
+    "LogProbsOutput",
+    "PackedBatch",
     "PolicyAndReferenceOutput",
     "PreTrainedModelWrapper",
     "Seq2SeqLMOutputWithValue",
@@ -35,6 +39,7 @@ __all__ = [
     "ValueScoringPipeline",
     "create_reference_model",
     "export_model",
+    "pack_batch",
     "register",
 ]
 

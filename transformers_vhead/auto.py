@@ -1,5 +1,5 @@
-"""Registration of the value-head classes with transformers' auto classes, so plain `from_pretrained` finds them, and
-of the "value-scoring" pipeline task."""
+"""Registration of the value-head classes with transformers' auto classes, so plain `from_pretrained` finds them, of
+the "value-scoring" pipeline task, and of the varlen attention (`attn_implementation="vhead_sdpa_varlen"`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .modeling import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
 from .pipelines import TASK, ValueScoringPipeline
+from .varlen_attention import register_varlen_attention
 
 # (model class, the auto classes that return it); each config is registered under its own namespaced model_type.
 REGISTRATIONS = (
@@ -17,8 +18,10 @@ REGISTRATIONS = (
 
 
 def register() -> None:
-    """Registers the configs with `AutoConfig`, the models with their auto classes and the "value-scoring" pipeline
-    task. Idempotent; importing `transformers_vhead` calls it."""
+    """Registers the configs with `AutoConfig`, the models with their auto classes, the "value-scoring" pipeline
+    task and the varlen attention with transformers' attention interfaces. Idempotent; importing
+    `transformers_vhead` calls it."""
+    register_varlen_attention()
     for model_class, auto_classes in REGISTRATIONS:
         config_class = model_class.config_class
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)

@@ -107,6 +107,16 @@ class EmptySequenceError(InvalidInputError):
     """A row of the attention mask is all zeros, so that sequence has no token to score."""
 
 
+class InvalidPackedBatchError(InvalidInputError):
+    """A padding-free (packed) batch that is malformed: `position_ids` of another shape than the ids, not starting at
+    0, negative, or restarting at another value than 0; or a packed batch with a cache."""
+
+
+class PackedBatchNotSupportedError(InvalidInputError):
+    """A packed batch (several sequences in one row, told apart by `position_ids`) given to an architecture whose
+    attention cannot keep them apart (see `transformers_vhead.packing.UNSUPPORTED_MODEL_TYPES`)."""
+
+
 class NotAValueHeadModelError(TransformersVheadError, ValueError):
     """A value-head pipeline was given a plain language model (or anything else without a value head)."""
 
@@ -145,3 +155,8 @@ class DeviceMapError(TransformersVheadError, ValueError):
 class ZeRO3ShardsSaveError(TransformersVheadError, ValueError):
     """`save_pretrained` without a `state_dict` on a model whose parameters are DeepSpeed ZeRO-3 shards (empty on each
     rank): the checkpoint would hold 0-element tensors."""
+
+
+class InvalidLogProbsSettingError(TransformersVheadError, ValueError):
+    """A setting of `compute_logprobs` (or of the log-probs of `forward_with_reference`) that cannot be used: a
+    temperature that is not a finite number above 0, a chunk size below 1."""

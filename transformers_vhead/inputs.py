@@ -21,10 +21,17 @@ from typing import Any
 
 import torch
 
-from .errors import EmptySequenceError, InputDtypeError, InvalidInputError, TokenIdOutOfRangeError
+from .errors import (
+    EmptySequenceError,
+    InputDtypeError,
+    InvalidInputError,
+    InvalidPackedBatchError,
+    PackedBatchNotSupportedError,
+    TokenIdOutOfRangeError,
+)
+from .packing import CACHE_KEYS, is_packed_form, sequence_starts, unsupported_reason
 
 ID_DTYPES = (torch.int64, torch.int32)  # what `nn.Embedding` takes
-CACHE_KEYS = ("past_key_values", "cache")  # the cache under either name (see `compat.CACHE_NAME`)
 
 # Set while a caller that checked its inputs runs its forwards (`forward_with_reference`): they skip checking again.
 _checked: ContextVar[bool] = ContextVar("transformers_vhead_inputs_checked", default=False)
@@ -49,7 +56,12 @@ def check_model_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> Non
     the input embedding (`0 <= id < num_embeddings`); a 2-D mask has the ids' shape, or with a cache
     (`past_key_values` / `cache`) at least as many columns (past + new tokens), no row of zeros, and only 0 and 1 if it
     is a float mask. A 4-D mask (a custom or packed-sequence mask) is the model's business and is not checked; with
-    `inputs_embeds` instead of ids, a 2-D mask is checked against their first two dimensions.
+    `inputs_embeds` instead of ids, a 2-D mask is checked against their first two dimensions. 2-D `position_ids` have
+    the ids' columns and one row or the ids' rows.
+
+    A padding-free (packed) batch, `position_ids` without an attention mask or a cache (see `packing`): its position
+    ids are integers of the ids' shape (or one row of it), start at 0 and restart only at 0; several sequences in a row
+    are refused for an architecture that cannot keep them apart, and with `use_cache=True`.
 
     Args:
         model: the value-head model (its input embedding gives the vocabulary size).
@@ -62,6 +74,10 @@ def check_model_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> Non
         EmptySequenceError: rows of no tokens (0 columns), or a mask row of zeros.
         InvalidInputError: an empty batch, ids that are not 2-D, a mask of another shape than the ids, a float mask
             holding other values than 0 and 1.
+        InvalidPackedBatchError: packed position ids of another shape or dtype, negative, not starting (or
+            restarting) at 0; several packed sequences with `use_cache=True`.
+        PackedBatchNotSupportedError: several packed sequences in a row, for an architecture that cannot keep them
+            apart (`packing.UNSUPPORTED_MODEL_TYPES`, encoder-decoder models).
     """
     compiling = torch.compiler.is_compiling()
     if not compiling and _checked.get():
@@ -82,8 +98,11 @@ def check_model_inputs(model: torch.nn.Module, inputs: Mapping[str, Any]) -> Non
             shape, shape_of = tuple(inputs[f"{prefix}inputs_embeds"].shape[:2]), f"{prefix}inputs_embeds (batch, seq)"
         if mask is not None and _check_mask(mask_name, mask, shape, shape_of, cached and has_cache):
             pending.append((mask_name, mask))
+        if not prefix and shape is not None and _check_positions(inputs, shape):
+            pending.append(("position_ids", inputs["position_ids"]))
     if pending and not compiling and pending[0][1].device.type != "meta":  # a meta tensor has no values
-        _check_values(pending, _num_embeddings(model))
+        packed = any(name == "position_ids" for name, _ in pending)
+        _check_values(pending, _num_embeddings(model), _packing_refusal(model, inputs) if packed else None)
 
 
 def _check_ids(name: str, ids: Any) -> None:
@@ -147,12 +166,63 @@ def _check_mask(name: str, mask: Any, shape: tuple[int, ...] | None, shape_of: s
     return True
 
 
-def _check_values(pending: list[tuple[str, torch.Tensor]], num_embeddings: int | None) -> None:
-    """The value checks of the tensors in `pending` (ids and 2-D masks): a few small reductions, read at once."""
+def _check_positions(inputs: Mapping[str, Any], shape: tuple[int, ...]) -> bool:
+    """The shape of 2-D `position_ids` (any call), and the type and shape of a packed batch's; returns whether their
+    values are to be checked (a packed batch)."""
+    positions = inputs.get("position_ids")
+    if not isinstance(positions, torch.Tensor):
+        return False
+    packed = is_packed_form(inputs)
+    if positions.dim() == 2 or packed:
+        if positions.dim() != 2 or positions.shape[1] != shape[1] or positions.shape[0] not in (1, shape[0]):
+            hint = (
+                "pass the position_ids packed with these ids (pack_batch or DataCollatorWithFlattening)"
+                if packed
+                else "they give the position of each new token"
+            )
+            raise (InvalidPackedBatchError if packed else InvalidInputError)(
+                f"position_ids has shape {tuple(positions.shape)}, but it must be (batch, seq) like the ids, "
+                f"{shape} (or one row, (1, {shape[1]})): {hint}."
+            )
+    if packed and positions.dtype not in ID_DTYPES:
+        raise InvalidPackedBatchError(
+            f"position_ids holds {positions.dtype} values, but positions are integers (torch.long): convert them with "
+            "position_ids.long()."
+        )
+    return packed
+
+
+def _packing_refusal(model: torch.nn.Module, inputs: Mapping[str, Any]) -> tuple[type[InvalidInputError], str] | None:
+    """Why a packed batch of several sequences in a row cannot run with these inputs (None if it can)."""
+    config = getattr(model.config, "text_config", model.config)
+    reason = unsupported_reason(config)
+    if reason is not None:
+        return PackedBatchNotSupportedError, (
+            f"{config.model_type} cannot run a packed batch: {reason}. Pass the padded batch with its attention mask "
+            "instead (unpack it, or skip pack_batch / DataCollatorWithFlattening for this model)."
+        )
+    if inputs.get("use_cache"):
+        return InvalidPackedBatchError, (
+            "a packed batch cannot build a cache (transformers keeps packed sequences apart only without one): pass "
+            "use_cache=False, or a padded batch with its attention mask to generate from."
+        )
+    return None
+
+
+def _check_values(
+    pending: list[tuple[str, torch.Tensor]],
+    num_embeddings: int | None,
+    packing_refusal: tuple[type[InvalidInputError], str] | None = None,
+) -> None:
+    """The value checks of the tensors in `pending` (ids, 2-D masks, packed position ids): a few small reductions,
+    read at once."""
     parts: list[torch.Tensor] = []
     for name, tensor in pending:
         if name.endswith("input_ids"):
             parts.extend(torch.aminmax(tensor))
+        elif name == "position_ids":
+            starts = sequence_starts(tensor)
+            parts.extend((tensor.min(), (starts & (tensor != 0)).any(), starts.sum()))
         else:
             parts.append(tensor.any(dim=-1).all())  # every row attends to a token
             if tensor.is_floating_point():
@@ -163,6 +233,9 @@ def _check_values(pending: list[tuple[str, torch.Tensor]], num_embeddings: int |
             low, high = next(read), next(read)
             if low < 0 or (num_embeddings is not None and high >= num_embeddings):
                 _raise_out_of_range(name, low, high, num_embeddings)
+            continue
+        if name == "position_ids":
+            _check_packed_positions(tensor, *(next(read) for _ in range(3)), packing_refusal)
             continue
         every_row_attends = next(read)
         if tensor.is_floating_point() and not next(read):
@@ -179,6 +252,32 @@ def _check_values(pending: list[tuple[str, torch.Tensor]], num_embeddings: int |
                 f"Row(s) {shown} of {name} are all zeros, so those sequences have no token to attend to or score. "
                 "Drop empty sequences from the batch."
             )
+
+
+def _check_packed_positions(
+    positions: torch.Tensor,
+    low: int,
+    bad_start: bool,
+    num_sequences: int,
+    packing_refusal: tuple[type[InvalidInputError], str] | None,
+) -> None:
+    if low < 0:
+        raise InvalidPackedBatchError(
+            f"position_ids holds the negative position {low}: a packed batch numbers each sequence's tokens from 0. "
+            "Pack the batch with pack_batch (or DataCollatorWithFlattening with position_ids_start=0)."
+        )
+    if bad_start:
+        starts = sequence_starts(positions)
+        row, column = (starts & (positions != 0)).nonzero()[0].tolist()
+        where = "starts" if column == 0 else f"restarts at column {column}"
+        raise InvalidPackedBatchError(
+            f"Row {row} of position_ids {where} at {positions[row, column].item()}, but a packed batch's sequences "
+            "start at position 0 (a sequence starts wherever a position is not the previous one plus 1). Pack the "
+            "batch with pack_batch (or DataCollatorWithFlattening with position_ids_start=0)."
+        )
+    if num_sequences > positions.shape[0] and packing_refusal is not None:
+        error, message = packing_refusal
+        raise error(message)
 
 
 def _read(parts: list[torch.Tensor]) -> list:

@@ -72,12 +72,14 @@ from .loading import (
     read_value_head,
 )
 from .locking import AdapterLock
+from .logprobs import LogProbsMethods
 from .outputs import (
     CausalLMOutputWithValue,
     CausalLMOutputWithValueAndPast,
     Seq2SeqLMOutputWithValue,
     Seq2SeqLMOutputWithValueAndPast,
 )
+from .packing import is_packed_form
 from .peft_support import is_peft_model, require_peft, without_peft
 from .placement import check_device_map, keep_fresh_head_off_disk
 from .reference import ReferenceMethods
@@ -90,7 +92,7 @@ if TYPE_CHECKING:
 logger = logging.get_logger(__name__)
 
 
-class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, PreTrainedModel):
+class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, LogProbsMethods, RewardScoring, PreTrainedModel):
     """The common base of the value-head models: a wrapped transformers LM (`pretrained_model`) and a `v_head`.
 
     Subclasses set `config_class`, `transformers_parent_class` (the auto class that builds the wrapped model) and their
@@ -217,21 +219,19 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
         The inputs are checked first ([`check_model_inputs`]), and the call holds the model's lock, so that a switch
         of adapter or modes in another thread (scoring, `as_reference`) cannot happen during it.
         """
+        if inputs.get("use_cache") is None and (return_past_key_values or not return_logits or is_packed_form(inputs)):
+            # no cache for a value-only call unless it is asked for, nor for a packed batch: transformers keeps its
+            # sequences apart only without one
+            inputs["use_cache"] = return_past_key_values
         check_model_inputs(self, inputs)
         return_dict = inputs.pop("return_dict", True)
-        if inputs.get("use_cache") is None and (return_past_key_values or not return_logits):
-            inputs["use_cache"] = return_past_key_values  # no cache for a value-only call unless it is asked for
         if not return_logits and inputs.get("labels") is not None:
             raise ValueError("A value-only call (return_logits=False) cannot compute the LM loss: drop `labels`.")
         base_output = None
         with self._adapter_lock.shared():  # the adapters and modes stay as they are until the head has run
             with final_hidden_state(self.pretrained_model.get_decoder(), stop=not return_logits) as captured:
                 base_output = self.pretrained_model(**inputs)
-            last_hidden_state = captured[-1]
-            head_device = self.v_head.summary.weight.device
-            if head_device.type != "meta":  # a head offloaded by accelerate is on meta; its hook moves the input itself
-                last_hidden_state = last_hidden_state.to(head_device)
-            value = self.v_head(last_hidden_state).squeeze(-1)
+            value = self._value_of(captured[-1])
 
         output_class = self._output_class_with_past if return_past_key_values else self._output_class
         fields = {"value": value}
@@ -243,6 +243,13 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, RewardScoring, Pr
                 fields["logits"] = fields["logits"].float()
         output = output_class(**fields)
         return tuple(output) if return_dict is False else output
+
+    def _value_of(self, last_hidden_state: torch.Tensor) -> torch.FloatTensor:
+        """The head's fp32 values `(batch, seq)` of the decoder's final hidden state."""
+        head_device = self.v_head.summary.weight.device
+        if head_device.type != "meta":  # a head offloaded by accelerate is on meta; its hook moves the input itself
+            last_hidden_state = last_hidden_state.to(head_device)
+        return self.v_head(last_hidden_state).squeeze(-1)
 
     def compute_values(
         self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs
@@ -606,7 +613,8 @@ class AutoModelForCausalLMWithValueHead(PreTrainedModelWrapper, GenerationMixin)
 
         Args:
             input_ids, attention_mask, position_ids, inputs_embeds, labels, use_cache: as for the wrapped model
-                (`labels` gives the LM `loss`).
+                (`labels` gives the LM `loss`). `position_ids` restarting at 0 without an attention mask are a
+                padding-free batch ([`pack_batch`]): it runs without a cache.
             past_key_values, cache: the cache, under either name (transformers 5.24 renamed `past_key_values` to
                 `cache`); it reaches the wrapped model under the installed transformers' name.
             return_past_key_values (`bool`, defaults to `False`): TRL's flag; the output then also unpacks to the

@@ -30,6 +30,7 @@ from .errors import (
 from .heads import ScoreHead
 from .inputs import check_model_inputs
 from .loading import hub_kwargs_of, read_config_dict, read_tensor_shapes, read_tensors
+from .packing import is_packed_form, last_token_positions
 from .peft_support import is_peft_model, require_peft, without_peft
 
 if TYPE_CHECKING:
@@ -245,6 +246,10 @@ class RewardScoring:
         no position ids: pad its inputs on the right. The LM head never runs, gradients are off, and the active adapter
         and train/eval modes are put back afterwards.
 
+        A padding-free (packed) batch, `position_ids` restarting at 0 for each sequence and no attention mask (see
+        [`pack_batch`], transformers' `DataCollatorWithFlattening`), gives one score per packed sequence, read at its
+        last token, in order: `(num_sequences,)`.
+
         Args:
             input_ids: `(batch, seq)` token ids (for a seq2seq model, the source; pass `decoder_input_ids` and
                 `decoder_attention_mask` for the sequence to score).
@@ -255,8 +260,8 @@ class RewardScoring:
             kwargs: passed to the wrapped model.
 
         Returns:
-            `(batch,)` scores (`(batch, num_labels)` for a multi-label reward head); with `return_token_scores`, the
-            tuple `(scores, token_scores)`.
+            `(batch,)` scores (`(batch, num_labels)` for a multi-label reward head; `(num_sequences,)` for a packed
+            batch); with `return_token_scores`, the tuple `(scores, token_scores)`.
 
         Raises:
             EmptySequenceError: a row of the mask is all zeros.
@@ -278,6 +283,7 @@ class RewardScoring:
             )
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         check_model_inputs(self, inputs)
+        packed = is_packed_form(inputs) and not self.config.is_encoder_decoder
         if self.config.is_encoder_decoder:
             score_mask = kwargs.get("decoder_attention_mask")
         else:
@@ -294,7 +300,10 @@ class RewardScoring:
         with self._inference_state(switch=adapter_name is not None, adapter_name=adapter_name):
             hidden = self._scoring_hidden_states(inputs)
             batch = torch.arange(hidden.shape[0], device=hidden.device)
-            if score_mask is None:
+            if packed:  # each packed sequence's last token
+                positions = kwargs["position_ids"].to(hidden.device).expand(hidden.shape[0], -1)
+                batch, last = last_token_positions(positions)
+            elif score_mask is None:
                 last = torch.full_like(batch, hidden.shape[1] - 1)
             else:
                 last = last_token_indices(score_mask).to(hidden.device)
