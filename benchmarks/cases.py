@@ -6,6 +6,7 @@ that TRL and bare transformers make the same way are written once; what differs 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import replace
@@ -14,9 +15,21 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from transformers_vhead import AutoModelForCausalLMWithValueHead, create_reference_model
+from transformers_vhead import AutoModelForCausalLMWithValueHead, create_reference_model, pack_batch
+from transformers_vhead.varlen_attention import ATTN_IMPLEMENTATION as VARLEN_ATTENTION
 
-from .rows import BARE, BF16_NO_UPCAST, DDP_STEP, OURS, POLICY_AND_REFERENCE, REFERENCE_MEMORY, TRL
+from .rows import (
+    BARE,
+    BF16_NO_UPCAST,
+    DDP_STEP,
+    LOGPROB_ROWS,
+    OURS,
+    PACKED,
+    POLICY_AND_REFERENCE,
+    PPO_BACKWARD,
+    REFERENCE_MEMORY,
+    TRL,
+)
 from .workload import Workload
 
 REWARD_ADAPTER = "reward-adapter"  # the reward row's adapter, saved next to the checkpoints of the load row
@@ -29,6 +42,13 @@ def trl_value_head_class() -> type:
     from trl.experimental.ppo import AutoModelForCausalLMWithValueHead as TRLModel
 
     return TRLModel
+
+
+def trl_logprob_functions() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """TRL 1.12's `selective_log_softmax` (the log-probs its PPO trainer takes) and `entropy_from_logits`."""
+    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+    return selective_log_softmax, entropy_from_logits
 
 
 def trl_create_reference_model() -> Callable[..., torch.nn.Module]:
@@ -193,10 +213,131 @@ def ddp_step(implementation: str, workload: Workload) -> Callable[[], None]:
     return step
 
 
+def spread_batch(workload: Workload) -> dict[str, torch.Tensor]:
+    """The packed row's batch: lengths spread evenly from 1/16 of `seq_len` (at least 2) to all of it, right padded
+    with id 0."""
+    batch = inputs(workload)
+    lengths = torch.linspace(max(2, workload.seq_len // 16), workload.seq_len, workload.batch_size).round().long()
+    mask = (torch.arange(workload.seq_len) < lengths[:, None]).long()
+    return {"input_ids": batch["input_ids"] * mask, "attention_mask": mask}
+
+
+def logprob_model(implementation: str, workload: Workload) -> torch.nn.Module:
+    """The value-head model of a log-prob row: ours for the full-logits path (bare) too, TRL's for TRL."""
+    return with_value_head(OURS if implementation == BARE else implementation, bare_model(workload))
+
+
+def logprob_call(implementation: str, model: torch.nn.Module, entropy: bool) -> Callable[..., tuple]:
+    """`(log-probs, values[, entropy])` of a batch, `(batch, seq - 1)` each (the values of the first `seq - 1`
+    tokens, the ones whose next token is scored): bare, the full-logits path through our forward; ours,
+    compute_logprobs; TRL, its forward and its own log-prob (and entropy) functions."""
+    if implementation == OURS:
+
+        def ours(input_ids, attention_mask) -> tuple:
+            output = model.compute_logprobs(input_ids, attention_mask, return_entropy=entropy, return_values=True)
+            return (output.logprobs, output.value[:, :-1]) + ((output.entropy,) if entropy else ())
+
+        return ours
+    if implementation == BARE:
+
+        def bare(input_ids, attention_mask) -> tuple:
+            output = model(input_ids, attention_mask=attention_mask, use_cache=False)
+            logprobs = torch.log_softmax(output.logits[:, :-1].float(), dim=-1)  # the whole (batch, seq - 1, vocab)
+            found = (logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1), output.value[:, :-1])
+            return found + ((-(logprobs.exp() * logprobs).sum(-1),) if entropy else ())
+
+        return bare
+    selective_log_softmax, entropy_from_logits = trl_logprob_functions()
+
+    def trl(input_ids, attention_mask) -> tuple:
+        logits, _, values = model(input_ids, attention_mask=attention_mask, use_cache=False)
+        logits = logits[:, :-1]
+        found = (selective_log_softmax(logits, input_ids[:, 1:]), values[:, :-1])
+        return found + ((entropy_from_logits(logits),) if entropy else ())
+
+    return trl
+
+
+def ppo_rollout(workload: Workload) -> dict[str, torch.Tensor]:
+    """What a PPO step compares the new log-probs and values with, `(batch, seq - 1)`: the rollout's log-probs (near
+    the untrained model's, -log(vocab)), advantages, values and returns; seeded."""
+    generator = torch.Generator().manual_seed(workload.seed + 2)
+    shape = (workload.batch_size, workload.seq_len - 1)
+    noise = [torch.randn(shape, generator=generator) for _ in range(4)]
+    return {
+        "logprobs": -math.log(workload.vocab_size) + 0.1 * noise[0],
+        "advantages": noise[1],
+        "values": 0.1 * noise[2],
+        "returns": noise[3],
+    }
+
+
+def ppo_loss(logprobs, values, entropy, rollout: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The clipped PPO loss of TRL's trainer (ratio clip 0.2, value clip 0.2, value coefficient 0.1) with an entropy
+    bonus of 0.01."""
+    ratio = torch.exp(logprobs - rollout["logprobs"])
+    advantages = rollout["advantages"]
+    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(0.8, 1.2)).mean()
+    old_values, returns = rollout["values"], rollout["returns"]
+    clipped = old_values + (values - old_values).clamp(-0.2, 0.2)
+    vf_loss = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2).mean()
+    return pg_loss + 0.1 * vf_loss - 0.01 * entropy.mean()
+
+
+def ppo_loss_maker(implementation: str, workload: Workload) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
+    """A value-head model (TRL's for TRL; dropout off, as TRL's PPO trainer has it) and the call that computes its
+    PPO loss on the row's batch, with the autograd graph (run it with gradients on)."""
+    model = logprob_model(implementation, workload)
+    compute, batch, rollout = logprob_call(implementation, model, entropy=True), inputs(workload), ppo_rollout(workload)
+    return model, lambda: ppo_loss(*compute(**batch), rollout)
+
+
+def ppo_backward(implementation: str, workload: Workload) -> Callable[[], None]:
+    """Forward and backward of the PPO loss; the parameter gradients are set to None after the step, as an optimizer
+    step's `zero_grad` does, so each step allocates them again (and the peak counts them)."""
+    model, loss = ppo_loss_maker(implementation, workload)
+
+    def step() -> None:
+        with torch.enable_grad():
+            loss().backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def packed_logprobs(implementation: str, workload: Workload) -> Callable[[], tuple]:
+    """Log-probs and values of the spread batch: bare, compute_logprobs on the padded batch under sdpa; ours, packed,
+    under our varlen attention (one causal sdpa per sequence), then unpacked to the padded layout (0 at the
+    padding)."""
+    model, batch = logprob_model(OURS, workload), spread_batch(workload)
+    if implementation == BARE:
+        return lambda: model.compute_logprobs(**batch, return_values=True)
+    model.set_attn_implementation(VARLEN_ATTENTION)
+
+    def packed() -> tuple:
+        packed = pack_batch(**batch)
+        output = model.compute_logprobs(**packed, return_values=True)
+        return packed.unpack(output.logprobs, next_token=True), packed.unpack(output.value)
+
+    return packed
+
+
+def logprob_case(row: str, implementation: str, workload: Workload) -> Callable[[], object]:
+    """The call of a log-prob row ([`rows.LOGPROB_ROWS`])."""
+    if row == PPO_BACKWARD:
+        return ppo_backward(implementation, workload)
+    if row == PACKED:
+        return packed_logprobs(implementation, workload)
+    compute, batch = logprob_call(implementation, logprob_model(implementation, workload), False), inputs(workload)
+    return lambda: compute(**batch)
+
+
 def build(row: str, implementation: str, workload: Workload, checkpoints: str) -> Callable[[], object]:
     """The call to time for one cell of the table."""
     if row == DDP_STEP:
         return ddp_step(implementation, workload)
+    if row in LOGPROB_ROWS:
+        return logprob_case(row, implementation, workload)
     batch = inputs(workload)
     if row == "load":
         if implementation == TRL:

@@ -8,6 +8,13 @@ BARE, OURS, TRL = "bare", "transformers-vhead", "trl"
 BF16_NO_UPCAST = "bf16 forward, upcast_logits=False"
 REFERENCE_MEMORY, POLICY_AND_REFERENCE = "reference memory", "policy + reference"
 DDP_STEP = "DDP step"
+LOGPROBS, LOGPROBS_LARGE_VOCAB = "log-probs + values", "log-probs + values at vocab 151936"
+PPO_BACKWARD, PACKED = "PPO backward", "packed vs padded"
+LOGPROB_ROWS = (LOGPROBS, LOGPROBS_LARGE_VOCAB, PPO_BACKWARD, PACKED)
+# The log-prob rows' sequences: 512 tokens, PPO's prompt + response. The full-logits path holds three fp32 tensors of
+# (batch, seq, vocab): the logits, the contiguous copy log_softmax makes of them without the last position, its output;
+# at vocab 32000 and 8 x 512, 500 MiB each; at Qwen2's vocab of 151936, 2.3 GiB each, 6.9 GiB in all.
+LOGPROB_LENGTH = {"seq_len": 512}
 # The reference rows' model: the layers, not the LM head, cost most of a forward (about 90% at these sizes), as in
 # the models PPO trains, so sharing the lower half of them has something to save.
 LAYERS_DOMINATE = {
@@ -102,6 +109,43 @@ ROWS = (
         (BARE, OURS),
         target=Target(time=1.05),
         processes=2,
+    ),
+    Row(
+        LOGPROBS,
+        "the next-token log-probs (fp32) and values of a batch, no_grad: compute_logprobs(return_values=True), which "
+        "runs the LM head and log-softmax a chunk of positions at a time, vs the full-logits path (the bare column): "
+        "our forward (the full fp32 logits and the values), then log_softmax and gather in fp32, as a PPO loop does "
+        "today (log_softmax copies the sliced logits first: three (batch, seq, vocab) fp32 tensors at once); TRL's "
+        "column is its value-head forward, then its own selective_log_softmax",
+        target=Target(time=1.05, memory=0.15),
+        workload=LOGPROB_LENGTH,
+    ),
+    Row(
+        LOGPROBS_LARGE_VOCAB,
+        f"the {LOGPROBS} row at Qwen2's vocab (151936; the full fp32 logits of 8 x 512 are 2.3 GiB, the full-logits "
+        "path peaks at three times that, 6.9 GiB)",
+        target=Target(time=1.05, memory=0.15),
+        workload={**LOGPROB_LENGTH, "vocab_size": 151936},
+    ),
+    Row(
+        PPO_BACKWARD,
+        "forward and backward of a PPO loss (clipped ratio of new to old log-probs, entropy bonus, clipped value MSE; "
+        "parameter gradients included, set to None after each step) through compute_logprobs(return_entropy=True, "
+        "return_values=True), vs the full-logits path (the bare column): our forward, then log_softmax in fp32 for the "
+        "log-probs (gather) and the entropy; TRL's column is its value-head forward with its selective_log_softmax and "
+        "entropy_from_logits",
+        target=Target(memory=0.25),
+        workload=LOGPROB_LENGTH,
+    ),
+    Row(
+        PACKED,
+        "log-probs + values of a batch whose lengths are spread evenly from 1/16 of the length to all of it (32..512), "
+        "right padded: pack_batch (one row, position ids restarting at 0, no padding), compute_logprobs on it under "
+        "attn_implementation='vhead_sdpa_varlen' (one causal sdpa per packed sequence) and unpack back to the padded "
+        "layout, vs compute_logprobs on the padded batch under sdpa (the bare column); TRL cannot pack",
+        (BARE, OURS),
+        target=Target(time=0.65),
+        workload=LOGPROB_LENGTH,
     ),
 )
 ROWS_BY_NAME = {row.name: row for row in ROWS}

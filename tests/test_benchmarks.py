@@ -17,7 +17,18 @@ from safetensors.torch import load_file
 
 from benchmarks import cases, startup
 from benchmarks.report import Cell, checks, reference_notes, spread, summary, table
-from benchmarks.rows import BARE, LAYERS_DOMINATE, OURS, POLICY_AND_REFERENCE, REFERENCE_MEMORY, ROWS, TRL, Target
+from benchmarks.rows import (
+    BARE,
+    LAYERS_DOMINATE,
+    LOGPROBS,
+    OURS,
+    PACKED,
+    POLICY_AND_REFERENCE,
+    REFERENCE_MEMORY,
+    ROWS,
+    TRL,
+    Target,
+)
 from benchmarks.run import main, trl_version
 from benchmarks.workload import Workload
 
@@ -135,6 +146,58 @@ def test_policy_and_reference_cases_compute_the_same_logits(monkeypatch):
         (trl_logits, _, _), (trl_ref_logits, _, _) = cases.build(POLICY_AND_REFERENCE, TRL, TINY_WORKLOAD, "")()
         torch.testing.assert_close(trl_logits, ours.logits, rtol=0, atol=1e-5)
         torch.testing.assert_close(trl_ref_logits, ours.ref_logits, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_logprob_cases_compute_the_same_logprobs_and_values():
+    # The full-logits path (bare), compute_logprobs (ours) and TRL's selective_log_softmax give the same log-probs;
+    # bare and ours read the same value head (TRL's has weights of its own).
+    batch, seq = TINY_WORKLOAD.batch_size, TINY_WORKLOAD.seq_len
+    bare_logprobs, bare_values = cases.build(LOGPROBS, BARE, TINY_WORKLOAD, "")()
+    logprobs, values = cases.build(LOGPROBS, OURS, TINY_WORKLOAD, "")()
+    assert logprobs.shape == values.shape == (batch, seq - 1) and logprobs.dtype == torch.float32
+    torch.testing.assert_close(logprobs, bare_logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(values, bare_values, rtol=0, atol=1e-6)
+    assert bare_logprobs.max() < 0 and bare_logprobs.std() > 0.01  # log-probs of different tokens, not zeros
+    if trl_version():
+        trl_logprobs, trl_values = cases.build(LOGPROBS, TRL, TINY_WORKLOAD, "")()
+        torch.testing.assert_close(trl_logprobs, bare_logprobs, rtol=0, atol=1e-5)
+        assert trl_values.shape == (batch, seq - 1)
+
+
+def test_ppo_backward_cases_compute_the_same_loss_and_gradients():
+    # Through compute_logprobs' chunked backward, the PPO loss (ratio, entropy bonus, value loss) reaches every
+    # parameter with the full-logits path's gradient; TRL's loss differs only by its value head's own weights.
+    losses, gradients = {}, {}
+    for implementation in (BARE, OURS):
+        model, loss = cases.ppo_loss_maker(implementation, TINY_WORKLOAD)
+        value = loss()
+        value.backward()
+        losses[implementation] = value.detach()
+        gradients[implementation] = {name: parameter.grad for name, parameter in model.named_parameters()}
+    torch.testing.assert_close(losses[OURS], losses[BARE], rtol=0, atol=1e-6)
+    assert all(gradient is not None for gradient in gradients[BARE].values())
+    for name, gradient in gradients[BARE].items():
+        torch.testing.assert_close(gradients[OURS][name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    assert gradients[BARE]["pretrained_model.lm_head.weight"].abs().max() > 1e-4
+    if trl_version():
+        trl_model, trl_loss = cases.ppo_loss_maker(TRL, TINY_WORKLOAD)
+        trl_loss().backward()
+        assert trl_model.pretrained_model.lm_head.weight.grad.abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_packed_case_unpacks_to_the_padded_results():
+    # The packed row's batch has lengths spread from 2 to seq_len; unpacked, its log-probs and values are the padded
+    # call's at every real token (log-probs: where the next token is real too), 0 at the padding.
+    mask = cases.spread_batch(TINY_WORKLOAD)["attention_mask"].bool()
+    assert mask.sum(-1).tolist() == [2, TINY_WORKLOAD.seq_len]
+    padded = cases.build(PACKED, BARE, TINY_WORKLOAD, "")()
+    logprobs, values = cases.build(PACKED, OURS, TINY_WORKLOAD, "")()
+    torch.testing.assert_close(values[mask], padded.value[mask], rtol=0, atol=1e-5)
+    scored = mask[:, 1:]
+    torch.testing.assert_close(logprobs[scored], padded.logprobs[scored], rtol=0, atol=1e-5)
+    assert (logprobs[~scored] == 0).all() and (values[~mask] == 0).all()
 
 
 def test_reference_memory_counts_the_storage_a_reference_keeps():
