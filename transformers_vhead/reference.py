@@ -452,7 +452,7 @@ class ReferenceMethods:
         Raises:
             InvalidInputError: inputs the model cannot run (see [`check_model_inputs`]), before the adapters switch.
         """
-        scored_tokens(self.config, input_ids, kwargs)
+        scored_tokens(self.config, input_ids, kwargs)  # raises for missing tokens before the adapters switch
         check_model_inputs(self, dict(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
         with self.as_reference(), inputs_checked():
             return self.compute_logprobs(input_ids, attention_mask, **kwargs).logprobs

@@ -29,6 +29,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward, use_gqa_in_sdpa
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .packing import sequence_starts
+
 ATTN_IMPLEMENTATION = "vhead_sdpa_varlen"
 
 # keyword arguments of an attention call that the varlen path does not implement: such a call runs the dense path
@@ -136,7 +138,5 @@ def _given_boundaries(kwargs: dict[str, Any], total: int) -> torch.Tensor | None
     positions = kwargs.get("position_ids")
     if not isinstance(positions, torch.Tensor) or positions.shape[-1] != total or positions.numel() != total:
         return None
-    positions = positions.reshape(-1)
-    starts = torch.ones(total, dtype=torch.bool, device=positions.device)
-    starts[1:] = positions.diff() != 1
+    starts = sequence_starts(positions.reshape(1, total))[0]
     return torch.cat([starts.nonzero().flatten(), positions.new_tensor([total])])
