@@ -23,10 +23,18 @@ from transformers import AutoModelForSequenceClassification
 
 from transformers_vhead import AutoModelForCausalLMWithValueHead
 from transformers_vhead.errors import CorruptCheckpointError, InvalidConfigError, TransformersVheadError
-from transformers_vhead.loading import checkpoint_tensor_files, find_value_head, read_safetensors_header
+from transformers_vhead.layouts import find_value_head, layout_fields
+from transformers_vhead.safe_reading import read_safetensors_header
+from transformers_vhead.sources import SourceFiles, checkpoint_tensor_files
 
 HIDDEN = 32
 HEAD = "v_head.summary.weight"
+
+
+def _find_head(path):
+    """The head `from_pretrained` would find in `path`, its layout told by the fields of its config.json."""
+    files = SourceFiles(path, {})
+    return find_value_head(files, layout_fields(files.config_dict()))
 
 
 def _seeded_model(seed: int = 3) -> AutoModelForCausalLMWithValueHead:
@@ -276,10 +284,10 @@ def test_integer_weights_of_a_quantized_checkpoint_are_not_refused(tmp_path):
     )
     save_file({"model.layers.0.mlp.up_proj.weight": torch.ones(4, 4, dtype=torch.int8)}, tmp_path / "model.safetensors")
 
-    assert find_value_head(tmp_path, {}) is None  # no head, and no error
+    assert _find_head(tmp_path) is None  # no head, and no error
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CorruptCheckpointError, match="as int8, but the model's weights are floating point"):
-        find_value_head(tmp_path, {})
+        _find_head(tmp_path)
 
 
 # --- sharded indexes ---------------------------------------------------------------------------------------------
@@ -322,7 +330,7 @@ def test_a_head_its_shard_holds_but_the_index_does_not_list_is_found_and_loaded(
         del index["weight_map"][key]
     index_file.write_text(json.dumps(index))
 
-    files = checkpoint_tensor_files(tmp_path, {})
+    files = checkpoint_tensor_files(SourceFiles(tmp_path, {}))
     assert files[HEAD] == str(head_shard)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
     assert model.v_head_source.is_loaded and model.v_head_source.file == str(head_shard)

@@ -20,9 +20,10 @@ from test_loading import save_trl_pickle_layout, trl_head
 from transformers import AutoModelForCausalLM
 
 from transformers_vhead import AutoModelForCausalLMWithValueHead
-from transformers_vhead.adapters import load_adapter
+from transformers_vhead.adapters import load_adapter, require_adapter
 from transformers_vhead.errors import CorruptCheckpointError, UnsafePickleError
-from transformers_vhead.loading import load_pickle_state_dict
+from transformers_vhead.safe_reading import load_pickle_state_dict
+from transformers_vhead.sources import SourceFiles
 from transformers_vhead_cli import main
 
 HIDDEN = 32  # the tiny Llama's hidden size
@@ -193,7 +194,7 @@ def test_a_hostile_adapter_model_bin_is_refused_before_peft_reads_it(llama_dir, 
     with _refused(victim):
         model.load_adapter(policy_dir)  # transformers' adapter API on the value-head model
     with _refused(victim):
-        load_adapter(build_bare("llama"), policy_dir)
+        load_adapter(build_bare("llama"), require_adapter(SourceFiles(policy_dir, {})))
     assert not model.is_peft_model
 
 

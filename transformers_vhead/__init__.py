@@ -9,7 +9,7 @@ from .auto import register
 from .configuration import CausalLMWithValueHeadConfig, Seq2SeqLMWithValueHeadConfig, ValueHeadConfig
 from .export import EXPORT_FORMATS, ExportResult, export_model
 from .heads import ValueHead
-from .loading import HeadSource
+from .layouts import HeadSource
 from .logprobs import LogProbsOutput
 from .modeling import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead, PreTrainedModelWrapper
 from .outputs import CausalLMOutputWithValue, Seq2SeqLMOutputWithValue

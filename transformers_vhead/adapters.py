@@ -9,10 +9,12 @@ to the language model, and a saved policy adapter is an ordinary adapter of the 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,8 +22,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import AdapterMismatchError, AdapterNotFoundError, PeftConfigError
-from .loading import read_tensor_shapes, resolve_file
 from .peft_support import is_peft_config, is_peft_model, require_peft, without_peft
+from .safe_reading import read_tensor_shapes
+from .sources import SourceFiles
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -119,34 +122,50 @@ def share_quantization_state(wrapper: nn.Module, language_model: nn.Module) -> N
             setattr(language_model, name, getattr(wrapper, name))
 
 
-def find_adapter(model_id: str | os.PathLike, hub_kwargs: dict) -> tuple[str, str] | None:
-    """The local paths of an adapter's config and weights (from the hub cache for a hub id), or `None` when
-    `model_id` holds no `adapter_config.json`.
+@dataclass(frozen=True)
+class AdapterFiles:
+    """A saved PEFT adapter, found once: peft then reads it from `directory` and is handed its config."""
+
+    source: str
+    """The adapter as it was named: a directory or a hub id."""
+    directory: str
+    """The local folder of its `adapter_config.json` (the hub snapshot's for a hub id)."""
+    weights_file: str
+    peft_config: PeftConfig
+    """Its `adapter_config.json`, read once."""
+
+
+def find_adapter(files: SourceFiles) -> AdapterFiles | None:
+    """The adapter of a source (`None` when it holds no `adapter_config.json`), its config read and checked.
 
     Raises:
         AdapterNotFoundError: there is an adapter config but no adapter weights next to it.
+        PeftConfigError: the adapter is prompt learning (see [`check_peft_config`]).
     """
-    config_file = resolve_file(str(model_id), ADAPTER_CONFIG_NAME, hub_kwargs)
+    config_file = files.find(ADAPTER_CONFIG_NAME)
     if config_file is None:
         return None
-    for name in ADAPTER_WEIGHTS_NAMES:
-        weights_file = resolve_file(str(model_id), name, hub_kwargs)
-        if weights_file is not None:
-            return config_file, weights_file
-    raise AdapterNotFoundError(
-        f"{model_id} has an {ADAPTER_CONFIG_NAME} but no adapter weights ({' or '.join(ADAPTER_WEIGHTS_NAMES)}): "
-        "the adapter was not saved completely. Save it again with `save_pretrained`."
-    )
+    weights_file = next(filter(None, map(files.find, ADAPTER_WEIGHTS_NAMES)), None)
+    if weights_file is None:
+        raise AdapterNotFoundError(
+            f"{files.source} has an {ADAPTER_CONFIG_NAME} but no adapter weights "
+            f"({' or '.join(ADAPTER_WEIGHTS_NAMES)}): the adapter was not saved completely. Save it again with "
+            "`save_pretrained`."
+        )
+    directory = os.path.dirname(config_file)  # local, or the hub cache's snapshot: peft looks nothing up again
+    peft_config = require_peft(f"Loading the PEFT adapter at {files.source}").PeftConfig.from_pretrained(directory)
+    return AdapterFiles(files.source, directory, weights_file, check_peft_config(peft_config))
 
 
-def require_adapter(model_id: str | os.PathLike, hub_kwargs: dict) -> tuple[str, str]:
-    """As [`find_adapter`], but a path without an adapter is an error.
+def require_adapter(files: SourceFiles) -> AdapterFiles:
+    """As [`find_adapter`], but a source without an adapter is an error.
 
     Raises:
-        AdapterNotFoundError: `model_id` holds no adapter (names what was looked for).
+        AdapterNotFoundError: the source holds no adapter (names what was looked for).
     """
+    model_id = files.source
     try:
-        found = find_adapter(model_id, hub_kwargs)
+        found = find_adapter(files)
     except AdapterNotFoundError:
         raise
     except OSError as exc:  # neither an existing directory nor a valid hub id
@@ -205,39 +224,39 @@ def check_adapter_fits(model: nn.Module, weights_file: str, shapes: dict[str, tu
 
 
 def load_adapter(
-    model: nn.Module,
-    model_id: str | os.PathLike,
-    adapter_name: str = "default",
-    is_trainable: bool = False,
-    hub_kwargs: dict | None = None,
+    model: nn.Module, adapter: AdapterFiles, adapter_name: str = "default", is_trainable: bool = False
 ) -> PeftModel:
     """Loads a saved adapter onto `model` (wrapping it in a `PeftModel` first if it is not one), after checking that it
     fits, so a mismatched adapter leaves the model untouched. The weights file peft will read is read by us first (a
     safetensors header, or a pickle memory-mapped with `weights_only=True`), so a corrupt or hostile file is refused
-    with our error before peft opens it.
+    with our error before peft opens it. peft gets the config already read, as its own `PeftModel.from_pretrained`
+    hands it on.
 
     Args:
         model: the language model.
-        model_id: a directory or hub id holding `adapter_config.json` and the adapter weights.
+        adapter: the adapter (see [`find_adapter`]).
         adapter_name: the name the adapter gets.
         is_trainable: `False` (TRL's and peft's default) loads it frozen.
-        hub_kwargs: `cache_dir`, `revision`, `token`, ... for the hub cache.
 
     Raises:
-        AdapterNotFoundError, AdapterMismatchError, PeftConfigError: see [`require_adapter`], [`check_adapter_fits`],
-            [`check_peft_config`].
+        AdapterMismatchError: see [`check_adapter_fits`].
         UnsafePickleError: `adapter_model.bin` would run code when unpickled (it is not unpickled).
         CorruptCheckpointError: the adapter's weights file is truncated or corrupt.
     """
-    config_file, weights_file = require_adapter(model_id, hub_kwargs or {})
-    peft = require_peft(f"Loading the PEFT adapter at {model_id}")
-    adapter_dir = os.path.dirname(config_file)  # local, or the hub cache's snapshot: no second lookup by peft
-    check_peft_config(peft.PeftConfig.from_pretrained(adapter_dir))
-    check_adapter_fits(model, weights_file, read_tensor_shapes(weights_file))
-    if is_peft_model(model):
-        model.load_adapter(adapter_dir, adapter_name, is_trainable=is_trainable)
-        return model
-    return peft.PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
+    peft = require_peft(f"Loading the PEFT adapter at {adapter.source}")
+    check_adapter_fits(model, adapter.weights_file, read_tensor_shapes(adapter.weights_file))
+    peft_config = copy.deepcopy(adapter.peft_config)  # peft sets `inference_mode` on it
+    if not is_peft_model(model):
+        return peft.PeftModel.from_pretrained(
+            model, adapter.directory, adapter_name=adapter_name, is_trainable=is_trainable, config=peft_config
+        )
+    # peft's own order (`PeftModel.from_pretrained`): the adapter from its config, then its weights into it
+    peft_config.inference_mode = not is_trainable
+    model.add_adapter(adapter_name, peft_config)
+    if is_trainable:
+        model.set_requires_grad(adapter_name)
+    model.load_adapter(adapter.directory, adapter_name, is_trainable=is_trainable)
+    return model
 
 
 def _tuner_layers(model: PeftModel) -> list[BaseTunerLayer]:
@@ -334,10 +353,10 @@ class AdapterMethods:
         The first adapter becomes active; a further one is only added, as in peft (activate it with `set_adapter`).
         """
         hub_kwargs = {key: value for key, value in (("token", token), ("revision", revision)) if value is not None}
-        self.pretrained_model = load_adapter(
-            self.pretrained_model, peft_model_id, adapter_name or "default", is_trainable, hub_kwargs
-        )
-        self._load_adapter_value_head(peft_model_id, hub_kwargs)
+        files = SourceFiles(peft_model_id, hub_kwargs)
+        adapter = require_adapter(files)
+        self.pretrained_model = load_adapter(self.pretrained_model, adapter, adapter_name or "default", is_trainable)
+        self._load_adapter_value_head(files)
 
     def set_adapter(self, adapter_name: str) -> None:
         self._peft_model().set_adapter(adapter_name)

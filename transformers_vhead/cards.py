@@ -11,7 +11,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .configuration import ValueHeadConfig, describe_v_head_init, resolve_hidden_size
-from .loading import HeadSource
+from .layouts import HeadSource
 
 if TYPE_CHECKING:
     from peft import PeftConfig

@@ -231,8 +231,9 @@ class ValueHeadConfig(PreTrainedConfig):
                 '`text_config`; a plain model\'s has its own model_type (e.g. "llama"). Fix the file, or save the '
                 "model again with save_pretrained."
             )
-        kwargs.setdefault("name_or_path", source)  # lets `from_dict` name the file, as it can under AutoConfig
-        return cls._as_value_head_dict(config_dict, source), kwargs
+        # lets `from_dict` name the file, as it can under AutoConfig; a file read directly is named by its source
+        kwargs.setdefault("name_or_path", source)
+        return cls._as_value_head_dict(config_dict, kwargs["name_or_path"]), kwargs
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):

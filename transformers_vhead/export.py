@@ -24,7 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICA
 
 from .configuration import base_summary_dropout_prob
 from .errors import ExportError
-from .loading import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY
+from .layouts import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY
 from .peft_support import is_peft_model, without_peft
 
 EXPORT_FORMATS = ("causal-lm", "seq2seq-lm", "seq-cls", "trl")

@@ -1,831 +1,500 @@
-"""Where a checkpoint keeps its value head, read safely.
+"""`from_pretrained`: a source is described once, then the model is built from the description.
 
-transformers loads the weights; this module first reads what the load will read, so that a bad file is named before
-transformers or peft touch it: the head's file (for its provenance, and clear shape, dtype and NaN errors), every
-safetensors header (validated by safetensors' own parser, the one transformers loads with; no tensor data is read) and
-every pickle (memory-mapped, with `torch.load(weights_only=True)`: a pickle that would run code is refused and never
-unpickled). The value head's tensors are tiny and read whole; the base model's weights are not scanned.
+[`describe_source`] looks up each file of the source once (`sources.SourceFiles`) and reads each config once, into a
+[`LoadPlan`]: where the base weights are, the config built from them, where the value head is and in which layout, the
+adapter and the head saved beside it. [`load_pretrained`] then has transformers load the base weights from the plan's
+local folder with the plan's config (so transformers looks nothing up again), checks them against the model from
+transformers' own load report, puts in the head, the adapter and the reward adapter, and says where the head came from.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import os
-import pickle
-import pickletools
 import re
-import zipfile
-from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
-from huggingface_hub import constants, is_offline_mode
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
-from safetensors import SafetensorError, safe_open
-from transformers.utils import cached_file
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.utils import logging
 
+from .adapters import (
+    KBIT_TRAINING_KEYWORDS,
+    AdapterFiles,
+    add_adapter,
+    check_peft_config,
+    find_adapter,
+    load_adapter,
+    share_quantization_state,
+)
+from .configuration import (
+    HEAD_SETTINGS,
+    VALUE_HEAD_MODEL_TYPES,
+    ValueHeadConfig,
+    explicit_head_settings,
+    resolve_hidden_size,
+)
 from .errors import (
-    CorruptCheckpointError,
-    InvalidConfigError,
-    NoModelFoundError,
-    NotInOfflineCacheError,
-    UnrecognizedLayoutError,
-    UnsafePickleError,
+    CheckpointMismatchError,
+    HeadShapeMismatchError,
+    InvalidModelSourceError,
+    RewardAdapterError,
+)
+from .layouts import (
+    ADAPTER_HEAD_NAMES,
+    HEAD_BIAS_KEY,
+    HEAD_WEIGHT_KEY,
+    HIDDEN_LAYER_PREFIX,
+    CheckpointHead,
+    HeadSource,
+    find_adapter_value_head,
+    find_value_head,
+    layout_fields,
+)
+from .peft_support import is_peft_model, without_peft
+from .placement import check_device_map
+from .safe_reading import read_value_head
+from .sources import GENERATION_CONFIG_NAME, HUB_KWARGS, SourceFiles, check_model_source, hub_kwargs_of
+
+if TYPE_CHECKING:
+    from .modeling import PreTrainedModelWrapper
+
+logger = logging.get_logger(__name__)
+
+# `from_pretrained` keywords transformers takes before it builds the config (the auto classes do the same): they are
+# passed to its load, never set on the config.
+_LOAD_ONLY_KWARGS = (
+    *HUB_KWARGS,
+    "dtype",
+    "torch_dtype",
+    "quantization_config",
+    "trust_remote_code",
+    "_from_auto",
+    "_from_pipeline",
 )
 
-HEAD_WEIGHT_KEY = "v_head.summary.weight"
-HEAD_BIAS_KEY = "v_head.summary.bias"
-HIDDEN_LAYER_PREFIX = "v_head.hidden_layer."  # the optional MLP layer before `summary` (trlx's heads)
-
-# The `from_pretrained` keywords that say where files come from, in the names `cached_file` takes.
-HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
-
-# transformers' own lookup order: a single file before an index, safetensors before pickles.
-SAFE_WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json")
-PICKLE_WEIGHTS_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-
-# Next to a PEFT adapter the value head is a file of its own: ours and LLaMA-Factory's `value_head.safetensors`,
-# LLaMA-Factory's `value_head.bin`; TRL writes it to `pytorch_model.bin` (found by `find_value_head`).
-ADAPTER_HEAD_NAMES = ("value_head.safetensors", "value_head.bin")
-
 
 @dataclass(frozen=True)
-class HeadSource:
-    """Where a value head's weights came from: a checkpoint file, or a fresh initialisation."""
+class LoadPlan:
+    """What a source is, found before anything is built: where each part of the model comes from."""
 
-    file: str | None = None
-    """The file the head was read from (a local path, or the hub cache's copy); `None` for a fresh head."""
-    init: str | None = None
-    """How a fresh head was initialised, e.g. `"normal(std=0.2)"`."""
-    layout: str | None = None
-    """Which writer's layout the head was read from, e.g. `"TRL"`, `"OpenRLHF"`, `"LLaMA-Factory"` (see `LAYOUTS`)."""
-
-    @property
-    def is_loaded(self) -> bool:
-        return self.file is not None
-
-    def __str__(self) -> str:
-        if not self.is_loaded:
-            return f"freshly initialised with {self.init} init"
-        return f"loaded from {self.file} ({self.layout} layout)" if self.layout else f"loaded from {self.file}"
+    source: str
+    """The checkpoint as it was named, the model's `name_or_path`: the base model's, when the source is an adapter."""
+    weights: SourceFiles | None
+    """The base model's files; `None` when transformers finds the weights itself (a `state_dict`, a GGUF file)."""
+    config: ValueHeadConfig | None
+    """The config, read once, with the caller's settings and the head settings the layout implies."""
+    load_kwargs: dict[str, Any]
+    """The keywords of transformers' load (the config's own are in `config`)."""
+    head: CheckpointHead | None = None
+    """The value head among (or beside) the base weights, its layout and the key mapping that loads it."""
+    adapter: AdapterFiles | None = None
+    adapter_head: CheckpointHead | None = None
+    """The value head saved next to the adapter, which replaces the base's."""
 
 
-@dataclass(frozen=True)
-class CheckpointHead:
-    """The value head found in a checkpoint, in whichever writer's layout it was saved.
+def describe_source(
+    model_class: type[PreTrainedModelWrapper], source: str | os.PathLike, kwargs: dict[str, Any]
+) -> LoadPlan:
+    """The [`LoadPlan`] of `source` (a directory or a hub id): each of its files looked up once, each config read
+    once, every weights file the load reads checked (see `layouts.find_value_head`).
 
-    `shapes` uses this package's key names (`v_head.summary.weight`, ...); `key_mapping` renames the checkpoint's own
-    keys to them (transformers' `from_pretrained(key_mapping=...)`), and `settings` are the head settings the layout
-    implies (trlx's MLP width, OpenRLHF's reward statistics).
+    Raises:
+        NoModelFoundError, UnrecognizedLayoutError, NotInOfflineCacheError: see [`check_model_source`].
+        InvalidModelSourceError: an adapter that names no base model.
+        HeadShapeMismatchError, CorruptCheckpointError, UnsafePickleError, InvalidConfigError, AdapterNotFoundError,
+            PeftConfigError: see [`PreTrainedModelWrapper.from_pretrained`].
     """
+    if kwargs.get("state_dict") is not None or kwargs.get("gguf_file") is not None:
+        # the weights come as tensors or a GGUF file, the config from it: transformers finds them
+        return LoadPlan(str(source), None, None, kwargs)
+    files = SourceFiles(source, hub_kwargs_of(kwargs))
+    check_model_source(files, config_given=kwargs.get("config") is not None)
+    adapter = find_adapter(files)
+    if adapter is None:
+        return _describe_checkpoint(model_class, files, kwargs)
+    base = adapter.peft_config.base_model_name_or_path
+    if not base:
+        raise InvalidModelSourceError(
+            f"The adapter at {source} names no base model (base_model_name_or_path is empty in its "
+            "adapter_config.json): load the base model, then `model.load_adapter(path)`."
+        )
+    # revision and subfolder name where the adapter is, not the base model
+    base_kwargs = {key: value for key, value in kwargs.items() if key not in ("revision", "subfolder")}
+    saved_by_us = isinstance(kwargs.get("config"), ValueHeadConfig)  # the auto classes pass the config saved there
+    if not saved_by_us:
+        base_kwargs = {**_saved_head_settings(files, model_class.config_class), **base_kwargs}
+        saved_by_us = files.config_dict().get("model_type") in VALUE_HEAD_MODEL_TYPES
+    plan = _describe_checkpoint(model_class, SourceFiles(base, hub_kwargs_of(base_kwargs)), base_kwargs)
+    adapter_head = find_adapter_value_head(files, saved_by_us)
+    if adapter_head is not None:
+        _check_head_shape(adapter_head, plan.config.text_config, plan.config.v_head_hidden_size)
+    return replace(plan, adapter=adapter, adapter_head=adapter_head)
 
-    file: str
-    shapes: dict[str, tuple[int, ...]]
-    layout: str = "TRL"
-    key_mapping: dict[str, str] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
-    separate_file: bool = False
-    """The head is in a file of its own beside the model (LLaMA-Factory, or next to an adapter), read after the load."""
-    has_lm_head: bool = True
-    """False for a reward model or critic saved without its LM head (sequence/token classifiers, OpenRLHF)."""
 
-    @property
-    def has_bias(self) -> bool:
-        return HEAD_BIAS_KEY in self.shapes
-
-
-def _with_variant(name: str, variant: str | None) -> str:
-    if variant is None:
-        return name
-    stem, ext = name.rsplit(".", 1)
-    return f"{stem}.{variant}.{ext}"
-
-
-def resolve_file(path_or_id: str, filename: str, hub_kwargs: dict) -> str | None:
-    """The local path of `filename` in a directory or hub id (the hub cache's copy), or `None` if it is not there."""
-    return cached_file(
-        path_or_id,
-        filename,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-        **hub_kwargs,
+def _describe_checkpoint(
+    model_class: type[PreTrainedModelWrapper], files: SourceFiles, kwargs: dict[str, Any]
+) -> LoadPlan:
+    """The plan of a model checkpoint (no adapter): its config, built once as the auto classes build it, and its
+    head."""
+    given = kwargs.get("config")
+    if isinstance(given, ValueHeadConfig):
+        config, load_kwargs = given, {key: value for key, value in kwargs.items() if key != "config"}
+    else:
+        config, load_kwargs = _read_config(model_class.config_class, files, kwargs)
+    lm_classes = model_class.transformers_parent_class._model_mapping  # remote-code models are not in it
+    lm_class = lm_classes[type(config.text_config)] if type(config.text_config) in lm_classes else None
+    head = find_value_head(
+        files,
+        layout_fields(config),
+        kwargs.get("variant"),
+        kwargs.get("use_safetensors"),
+        getattr(lm_class, "base_model_prefix", None),  # where DeepSpeed-Chat's backbone goes
     )
+    if head is not None:
+        config = _with_layout_settings(config, head, None if isinstance(given, ValueHeadConfig) else kwargs)
+        _check_head_shape(head, config.text_config, config.v_head_hidden_size)
+    if not files.is_local:
+        files.find(GENERATION_CONFIG_NAME)  # transformers reads it from the snapshot folder, which must hold it
+    return LoadPlan(files.source, files, config, load_kwargs, head)
 
 
-class TensorInfo(NamedTuple):
-    """One tensor of a weights file, as its header (or its memory-mapped pickle) describes it; no data is read."""
+def _read_config(config_class: type[ValueHeadConfig], files: SourceFiles, kwargs: dict[str, Any]):
+    """The config of `files` with the caller's settings applied, and the keywords left for transformers' load.
 
-    shape: tuple[int, ...]
-    dtype: str
-    """torch's name of the dtype (`"float32"`, `"int64"`, `"bool"`, ...); safetensors' own name for one torch lacks."""
-    is_floating_point: bool
-
-
-# safetensors' dtype names, in torch's; every `F*` and `BF16` is a floating-point format.
-_SAFETENSORS_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U64": "uint64",
-    "U32": "uint32",
-    "U16": "uint16",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "C64": "complex64",
-}
-
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6, which `torch.load(mmap=True)` can memory-map
-# A legacy torch.save file (and a raw `pickle.dump`) is a few pickles in a row (magic number, protocol, system info,
-# the object, its storage keys) before the raw tensor bytes; at most this many are disassembled.
-_LEGACY_PICKLES = 5
-# The opcodes that push a string (which protocol 4's STACK_GLOBAL takes as a global's module and name), store the top
-# of the stack in the memo, or push a value from it.
-_STRING_OPCODES = frozenset(
-    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
-)
-_MEMO_PUT_OPCODES = frozenset({"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"})
-_MEMO_GET_OPCODES = frozenset({"GET", "BINGET", "LONG_BINGET"})
+    As the auto classes split them: every keyword the config has is set on it (a setting of the wrapped model on
+    `text_config`), except those transformers' load takes first (`_LOAD_ONLY_KWARGS`). The file found is read
+    directly, so nothing is looked up twice."""
+    held = {key: kwargs[key] for key in _LOAD_ONLY_KWARGS if key in kwargs}
+    settings = {key: value for key, value in kwargs.items() if key not in held and key != "config"}
+    given = kwargs.get("config")
+    if given is not None:  # a path of another config
+        where = {"pretrained_model_name_or_path": given, **files.hub_kwargs}
+    elif (config_file := files.find("config.json")) is not None:
+        where = {"pretrained_model_name_or_path": config_file, "name_or_path": files.source}
+    else:  # transformers' own error for a source without a config
+        where = {"pretrained_model_name_or_path": files.source, **files.hub_kwargs}
+    config, unused = config_class.from_pretrained(**where, return_unused_kwargs=True, **settings)
+    return config, {**held, **unused}
 
 
-def _first_line(message: object, limit: int = 200) -> str:
-    """The first sentence of the first line of `message` (an error's, a reader's), at most `limit` characters: the
-    messages of this module stay one line."""
-    lines = str(message).strip().splitlines()
-    line = lines[0].split(". ")[0] if lines else ""
-    if not line and isinstance(message, BaseException):
-        line = type(message).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _reason(error: BaseException) -> str:
-    """What a reader's error says was wrong: torch's weights-only message wraps the reason in advice that does not
-    apply (re-running with `weights_only=False`), the reason being its second-to-last paragraph."""
-    paragraphs = [part for part in str(error).split("\n\n") if part.strip()]
-    if isinstance(error, pickle.UnpicklingError) and len(paragraphs) >= 3:
-        return _first_line(paragraphs[-2])
-    return _first_line(error)
-
-
-def read_safetensors_header(path: str) -> dict[str, TensorInfo]:
-    """Every tensor of a safetensors file, from its header only.
-
-    The header is checked whole by safetensors' own parser (`safe_open`, which transformers loads with): its length
-    field, that it is one JSON object, each entry's `dtype` (one safetensors knows), `shape` (non-negative integers)
-    and `data_offsets` (the size that shape and dtype give, contiguous from 0 with no overlap or hole, ending at the
-    end of the file), and `__metadata__` (strings to strings). A file read here is one transformers can load; a file
-    refused here is named before the load. A bit flip in the tensor data cannot be seen: safetensors has no
-    checksums.
-
-    Raises:
-        CorruptCheckpointError: the header is invalid, or the file is shorter or longer than it says.
-    """
-    with _open_safetensors(path) as file:
-        return {name: _safetensors_info(file.get_slice(name)) for name in file.keys()}
-
-
-@contextmanager
-def _open_safetensors(path: str) -> Iterator[Any]:
-    """`safe_open(path)`, which validates the header whole (see [`read_safetensors_header`]), its errors named.
-
-    Raises:
-        CorruptCheckpointError: the header is invalid, or the file is shorter or longer than it says.
-    """
-    try:
-        with safe_open(path, framework="pt") as file:
-            yield file
-    except SafetensorError as exc:
-        raise CorruptCheckpointError(
-            f"{path} is not a valid safetensors file ({_reason(exc)}): it is truncated or corrupt. Download or save it "
-            "again."
-        ) from exc
-
-
-def _safetensors_info(tensor_slice) -> TensorInfo:
-    code = tensor_slice.get_dtype()
-    floating = code.startswith(("F", "BF"))
-    return TensorInfo(tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES.get(code, code), floating)
-
-
-def _pickle_info(tensor: torch.Tensor) -> TensorInfo:
-    return TensorInfo(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), tensor.dtype.is_floating_point)
-
-
-def load_pickle_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A `.bin` state dict, memory-mapped where the format allows (torch's zip format; a legacy file is read whole),
-    never unpickling anything but tensors (`torch.load(weights_only=True)`).
-
-    When torch refuses the file, the pickle is disassembled (statically, nothing is run) to tell a pickle that would
-    call or build other objects, which is refused as unsafe, from a corrupt one.
-
-    Raises:
-        UnsafePickleError: unpickling the file would call or build something other than tensors (torch's weights-only
-            unpickler refused it; the globals it names are listed). Nothing of it was unpickled.
-        CorruptCheckpointError: the file is truncated or corrupt, or holds no state dict of named tensors.
-    """
-    try:
-        with open(path, "rb") as file:
-            memory_mappable = file.read(4) == _ZIP_MAGIC
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=memory_mappable)
-    except Exception as exc:  # UnpicklingError, RuntimeError (a bad zip), EOFError, ...: told apart below
-        refused = sorted(_pickled_globals(path) - _weights_only_globals())
-        if refused:
-            shown = ", ".join(refused[:5]) + (f" and {len(refused) - 5} more" if len(refused) > 5 else "")
-            raise UnsafePickleError(
-                f"Refused to read {path} as a weights-only PyTorch state dict: unpickling it would call or build "
-                f"{shown}, not tensors, which can run any code. Nothing of it was unpickled. Convert a checkpoint you "
-                "trust to safetensors (load it where it was written and `save_pretrained` it again), and never load a "
-                "file you did not write with `weights_only=False`."
-            ) from None
-        raise CorruptCheckpointError(
-            f"Cannot read {path} as a weights-only PyTorch state dict ({_reason(exc)}): it is truncated or corrupt. "
-            "Download or save it again."
-        ) from exc
-    if not (
-        isinstance(state_dict, dict)
-        and all(isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in state_dict.items())
-    ):
-        raise CorruptCheckpointError(
-            f"{path} is a PyTorch pickle, but not a state dict of named tensors (it holds a "
-            f"{type(state_dict).__name__}{' with other values' if isinstance(state_dict, dict) else ''}): it is not a "
-            "model's weights file. Save the model with `save_pretrained`."
-        )
-    return state_dict
-
-
-def _weights_only_globals() -> set[str]:
-    """The globals torch's weights-only unpickler accepts: its defaults and those allowlisted with
-    `torch.serialization.add_safe_globals`. (torch keeps the list private; without it, every global counts as
-    unsafe, which only changes which error a refused file gets.)"""
-    from torch import _weights_only_unpickler as unpickler
-
-    defaults = getattr(unpickler, "_get_allowed_globals", dict)()
-    user = getattr(unpickler, "_get_user_allowed_globals", dict)()
-    return set(defaults) | set(user)
-
-
-def _pickled_globals(path: str) -> set[str]:
-    """Every global (`module.name`) the pickles of a `.bin` name, by disassembling them: `data.pkl` of torch's zip
-    format, or the first pickles of a legacy or raw file. Best effort: a corrupt part ends the scan, keeping what was
-    found before it."""
-    found: set[str] = set()
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                for member in archive.namelist():
-                    if member.endswith(".pkl"):
-                        with archive.open(member) as stream:
-                            _scan_pickle(stream, found)
-        else:
-            with open(path, "rb") as stream:
-                for _ in range(_LEGACY_PICKLES):
-                    if not _scan_pickle(stream, found):
-                        break
-    except Exception:  # an archive too broken to list: the file is corrupt, whatever it names
-        pass
-    return found
-
-
-def _scan_pickle(stream, found: set[str]) -> bool:
-    """Adds the globals one pickle of `stream` names to `found`; False when it is not a whole pickle."""
-    pushed: list[str | None] = [None, None]  # the last two values pushed, for STACK_GLOBAL
-    memo: dict[Any, str | None] = {}
-    try:
-        for opcode, arg, _ in pickletools.genops(stream):
-            name = opcode.name
-            if name in ("GLOBAL", "INST"):
-                found.add(str(arg).replace(" ", "."))
-            elif name == "STACK_GLOBAL":
-                module, attribute = pushed
-                found.add(f"{module}.{attribute}" if module and attribute else "a global named at unpickling time")
-            if name in _MEMO_PUT_OPCODES:
-                memo[len(memo) if arg is None else arg] = pushed[-1]
-                continue
-            if name in _STRING_OPCODES and isinstance(arg, str):
-                value = arg
-            else:
-                value = memo.get(arg) if name in _MEMO_GET_OPCODES else None
-            pushed = [pushed[-1], value]
-    except Exception:  # not a pickle (raw tensor bytes after a legacy file's pickles), or a corrupt one
-        return False
-    return True
-
-
-def read_tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor in a safetensors file (from its header only) or a weights-only pickle."""
-    return {name: info.shape for name, info in read_tensor_infos(path).items()}
-
-
-def read_tensor_infos(path: str) -> dict[str, TensorInfo]:
-    """The shape and dtype of every tensor in a safetensors file (from its header only) or a weights-only pickle
-    (memory-mapped)."""
-    if path.endswith(".safetensors"):
-        return read_safetensors_header(path)
-    return {name: _pickle_info(tensor) for name, tensor in load_pickle_state_dict(path).items()}
-
-
-def read_tensors(path: str, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file or a weights-only pickle whose names `keep` accepts; a safetensors file
-    reads only those (after its header is checked)."""
-    if path.endswith(".safetensors"):
-        with _open_safetensors(path) as file:
-            return {name: file.get_tensor(name) for name in file.keys() if keep(name)}
-    return {name: tensor for name, tensor in load_pickle_state_dict(path).items() if keep(name)}
-
-
-class WeightsReader:
-    """Reads the weights files of one load as the load will, each file once: a safetensors file's header (validated
-    whole), a pickle memory-mapped (its tensors kept, for the head's values). Of each tensor its name and whether it
-    is floating point are kept; the shapes of only the tensors asked for are looked at, and only the head's data is
-    read. Dropped when the look-up ends, before the load."""
-
-    def __init__(self):
-        self._floating: dict[str, dict[str, bool]] = {}
-        self._pickles: dict[str, dict[str, torch.Tensor]] = {}
-
-    def _read(self, path: str) -> dict[str, bool]:
-        if path not in self._floating:
-            if path.endswith(".safetensors"):
-                with _open_safetensors(path) as file:
-                    floating = {name: file.get_slice(name).get_dtype().startswith(("F", "BF")) for name in file.keys()}
-            else:
-                self._pickles[path] = load_pickle_state_dict(path)
-                floating = {name: tensor.dtype.is_floating_point for name, tensor in self._pickles[path].items()}
-            self._floating[path] = floating
-        return self._floating[path]
-
-    def keys(self, path: str) -> Collection[str]:
-        """The names of the tensors in `path`, in its order (the file is checked, see [`read_safetensors_header`] and
-        [`load_pickle_state_dict`])."""
-        return self._read(path).keys()
-
-    def not_floating(self, path: str) -> list[str]:
-        """The tensors of `path` whose dtype is not floating point (integers, bool)."""
-        return [name for name, floating in self._read(path).items() if not floating]
-
-    def info(self, path: str, name: str) -> TensorInfo:
-        """The shape and dtype of tensor `name` of `path`."""
-        if path in self._pickles:
-            return _pickle_info(self._pickles[path][name])
-        with _open_safetensors(path) as file:
-            return _safetensors_info(file.get_slice(name))
-
-    def tensors(self, path: str, names: Collection[str]) -> dict[str, torch.Tensor]:
-        """The tensors `names` of `path` (a safetensors file reads only those)."""
-        if path in self._pickles:
-            return {name: self._pickles[path][name] for name in names}
-        with _open_safetensors(path) as file:
-            return {name: file.get_tensor(name) for name in names}
-
-
-def hub_kwargs_of(kwargs: dict) -> dict:
-    """The keywords among `kwargs` that say where files come from (see `HUB_KWARGS`)."""
-    return {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-
-
-def read_config_dict(path_or_id: str, hub_kwargs: dict) -> dict[str, Any]:
-    """The `config.json` of a directory or hub id as a dict (`{}` when there is none).
-
-    Raises:
-        InvalidConfigError: the file is not a JSON object.
-    """
-    resolved = resolve_file(str(path_or_id), "config.json", hub_kwargs)
-    if resolved is None:
-        return {}
-    try:
-        with open(resolved, encoding="utf-8") as file:
-            config = json.load(file)
-    except ValueError as exc:  # not JSON, or not UTF-8
-        raise InvalidConfigError(
-            f"{resolved} is not valid JSON ({_first_line(exc)}): the config is corrupt. Save or download the "
-            "checkpoint again."
-        ) from exc
-    if not isinstance(config, dict):
-        raise InvalidConfigError(
-            f"{resolved} holds a JSON {type(config).__name__}, not an object of settings: it is no model config. Save "
-            "or download the checkpoint again."
-        )
+def _with_layout_settings(config: ValueHeadConfig, head: CheckpointHead, caller: dict | None) -> ValueHeadConfig:
+    """The config with the settings `head`'s layout implies (trlx's MLP width and no dropout, OpenRLHF's reward
+    statistics): over the file's, unless the caller's keywords set them (`caller`); a config the caller passed
+    (`caller` is `None`) keeps every setting it has and is copied, not changed."""
+    if caller is not None:
+        for key, value in head.settings.items():
+            if key not in caller:
+                setattr(config, key, value)
+        return config
+    unset = {key: value for key, value in head.settings.items() if getattr(config, key) is None}
+    if unset:
+        config = copy.deepcopy(config)
+        for key, value in unset.items():
+            setattr(config, key, value)
     return config
 
 
-def _explicit_weights_name(config: dict[str, Any]) -> str | None:
-    """A config's `transformers_weights`: the weights file transformers loads instead of its usual names."""
-    name = config.get("transformers_weights")
-    return name if isinstance(name, str) and name else None
+def _saved_head_settings(files: SourceFiles, config_class: type[ValueHeadConfig]) -> dict[str, Any]:
+    """The head's settings from a `config.json` this package saved next to an adapter (none for other adapters)."""
+    saved = files.config_dict()
+    if saved.get("model_type") != config_class.model_type:
+        return {}
+    config_class.from_dict(dict(saved), name_or_path=files.directory)  # a field of the wrong type names this file
+    return {key: saved[key] for key in HEAD_SETTINGS if key in saved}
 
 
-def checkpoint_tensor_files(
-    path_or_id: str | os.PathLike,
-    hub_kwargs: dict,
-    variant: str | None = None,
-    use_safetensors: bool | None = None,
-    weights_name: str | None = None,
-    reader: WeightsReader | None = None,
-) -> dict[str, str] | None:
-    """The name of every tensor the load of `path_or_id` will read, with the local file that holds it; `None` when
-    there are no weights.
+def _check_head_shape(head: CheckpointHead, text_config, hidden_layer_size: int | None = None) -> None:
+    """Raises `HeadShapeMismatchError` unless the checkpoint's head fits a model of `text_config`."""
+    width = resolve_hidden_size(text_config)
+    expected = {HEAD_WEIGHT_KEY: (1, hidden_layer_size or width)}
+    if hidden_layer_size is not None:
+        expected[HIDDEN_LAYER_PREFIX + "weight"] = (hidden_layer_size, width)
+    for key, shape in expected.items():
+        found = head.shapes.get(key)
+        if found != shape:
+            raise HeadShapeMismatchError(
+                f"{head.file} holds a value head ({head.layout} layout) whose {key} has shape {found}, but this "
+                f"{text_config.model_type} model (hidden size {width}) needs {shape}: the head was trained for another "
+                "base model. Load a checkpoint of this base model, or start from its plain weights for a fresh head."
+            )
 
-    Looks at the same files as `PreTrainedModel.from_pretrained`, in its order, and reads each one as the load will,
-    before it (headers and memory-mapped pickles, see [`WeightsReader`]), so a bad file is named here rather than
-    failing deep inside the load, and a pickle that would run code is refused before transformers opens it. A sharded
-    checkpoint's names are those its shards hold: transformers loads every tensor of every shard the index names, also
-    one the index does not list.
+
+def load_pretrained(
+    model_class: type[PreTrainedModelWrapper],
+    source,
+    model_args: tuple,
+    kwargs: dict[str, Any],
+    transformers_load: Callable[..., Any],
+):
+    """The whole of [`PreTrainedModelWrapper.from_pretrained`] (see its documentation).
 
     Args:
-        path_or_id: a local directory or a hub id.
-        hub_kwargs: `cache_dir`, `revision`, `token`, `local_files_only`, `subfolder`, ... as for `cached_file`.
-        variant: the weights variant (`model.<variant>.safetensors`).
-        use_safetensors: `False` reads only pickles, `True` only safetensors, `None` prefers safetensors.
-        weights_name: a file tried first (a config's `transformers_weights`, which transformers loads instead).
-        reader: the reader to read the files with (and to keep what was read); a fresh one by default.
-
-    Raises:
-        CorruptCheckpointError: a weights file is truncated or corrupt; an index is not valid, names a shard that is
-            not there (or outside the checkpoint), or lists a tensor its shard does not hold.
-        UnsafePickleError: a pickle that would run code or build other objects than tensors.
+        transformers_load: `PreTrainedModel.from_pretrained` bound to `model_class`, which loads the weights.
     """
-    path_or_id = str(path_or_id)
-    reader = reader or WeightsReader()
-    names = [weights_name] if weights_name else []
-    if use_safetensors is not False:
-        names += [_with_variant(name, variant) for name in SAFE_WEIGHTS_NAMES]
-    if not use_safetensors:
-        names += [_with_variant(name, variant) for name in PICKLE_WEIGHTS_NAMES]
-    for name in names:
-        resolved = resolve_file(path_or_id, name, hub_kwargs)
-        if resolved is None:
-            continue
-        if not name.endswith(".json"):
-            return dict.fromkeys(reader.keys(resolved), resolved)
-        return _sharded_tensor_files(path_or_id, resolved, hub_kwargs, reader)
-    return None
-
-
-def _read_index(index_file: str) -> dict[str, str]:
-    """The `weight_map` of a sharded checkpoint's index (tensor name to shard file), checked as transformers reads it
-    (it also reads the `metadata` object)."""
-    try:
-        with open(index_file, encoding="utf-8") as file:
-            index = json.load(file)
-    except ValueError as exc:  # not JSON, or not UTF-8
-        raise CorruptCheckpointError(
-            f"{index_file} is not valid JSON ({_first_line(exc)}): the index is corrupt. Save or download the "
-            "checkpoint again."
-        ) from exc
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not (
-        isinstance(weight_map, dict)
-        and all(isinstance(shard, str) for shard in weight_map.values())
-        and isinstance(index.get("metadata"), dict)
-    ):
-        raise CorruptCheckpointError(
-            f"{index_file} is not a sharded checkpoint's index: it needs a `weight_map` object from tensor names to "
-            "shard file names, and a `metadata` object. Save or download the checkpoint again."
+    peft_config = kwargs.pop("peft_config", None)
+    is_trainable = kwargs.pop("is_trainable", False)
+    reward_adapter = kwargs.pop("reward_adapter", None)
+    reward_adapter_name = kwargs.pop("reward_adapter_name", "reward_adapter")
+    kwargs = explicit_head_settings(kwargs)
+    kwargs.pop("adapter_kwargs", None)  # the auto classes pass the adapter they found; the plan finds it again
+    kbit_training = {key: kwargs.pop(key) for key in KBIT_TRAINING_KEYWORDS if key in kwargs}  # TRL's
+    if peft_config is not None:
+        check_peft_config(peft_config)
+    if "device_map" in kwargs:  # a dict is copied: the head's entry may be adjusted in it while loading
+        kwargs["device_map"] = check_device_map(kwargs["device_map"], model_class.__name__)
+    if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):
+        raise RewardAdapterError(
+            f"reward_adapter must be a local path or a hub id of a saved reward adapter, got "
+            f"{type(reward_adapter).__name__}."
         )
-    escaping = sorted(shard for shard in set(weight_map.values()) if os.path.isabs(shard) or ".." in shard.split("/"))
-    if escaping:
-        raise CorruptCheckpointError(
-            f"{index_file} names shards outside the checkpoint ({', '.join(escaping[:3])}): an index only names files "
-            "beside it. Save or download the checkpoint again."
+
+    if isinstance(source, PreTrainedModel) or is_peft_model(source):
+        loaded = model_class(source, **kwargs).train(source.training)  # the head follows the wrapped model's mode
+    elif not isinstance(source, (str, os.PathLike)):
+        raise InvalidModelSourceError(
+            f"{model_class.__name__}.from_pretrained takes a local directory, a hub id or a transformers "
+            f"PreTrainedModel, got {type(source).__name__}."
         )
-    return weight_map
+    else:
+        loaded = _build(describe_source(model_class, source, kwargs), model_args, is_trainable, transformers_load)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded  # `(model, loading_info)` with `output_loading_info`
+
+    if peft_config is not None:
+        if model.is_peft_model:
+            logger.warning(
+                f"peft_config is ignored: {source} already holds an adapter, which is loaded instead. Load the "
+                "base model to train a fresh adapter."
+            )
+        else:
+            model.pretrained_model = add_adapter(model.pretrained_model, peft_config, kbit_training=kbit_training)
+    if reward_adapter is not None:
+        model._attach_reward_adapter(reward_adapter, reward_adapter_name, kwargs)
+    _report_head_source(model, source)
+    return loaded
 
 
-def _sharded_tensor_files(path_or_id: str, index_file: str, hub_kwargs: dict, reader: WeightsReader) -> dict[str, str]:
-    listed: dict[str, list[str]] = {}
-    for key, shard in _read_index(index_file).items():
-        listed.setdefault(shard, []).append(key)
-    paths = {shard: resolve_file(path_or_id, shard, hub_kwargs) for shard in sorted(listed)}
-    missing = [shard for shard, path in paths.items() if path is None]
-    if missing:
-        raise CorruptCheckpointError(
-            f"{index_file} names {len(missing)} shard(s) that are not there: {_listing(missing)}. The checkpoint was "
-            "not saved or downloaded completely: save or download it again."
+def _build(plan: LoadPlan, model_args: tuple, is_trainable: bool, transformers_load: Callable[..., Any]):
+    """The model of `plan`: transformers loads the base weights (and the head, where the checkpoint holds it), then
+    the head's file, the adapter and the head beside it are put in."""
+    # transformers' own load report, always, to check the weights against the model (the caller gets it only if
+    # asked); sizes that differ are reported rather than raised, so that the error can name them
+    load_kwargs = {**plan.load_kwargs, "output_loading_info": True, "ignore_mismatched_sizes": True}
+    if plan.config is not None:
+        load_kwargs["config"] = plan.config
+    if plan.head is not None and plan.head.key_mapping:
+        load_kwargs["key_mapping"] = {**plan.head.key_mapping, **(load_kwargs.get("key_mapping") or {})}
+    folder = plan.source if plan.weights is None else plan.weights.directory
+    model, loading_info = transformers_load(folder, *model_args, **load_kwargs)
+    if folder != plan.source:  # a hub id loaded from its snapshot folder keeps its name
+        model.name_or_path = model.config.name_or_path = plan.source
+    missing_on_load = model.__dict__.pop("_missing_on_load", None)  # None: transformers skipped that step
+    ignore_sizes = bool(plan.load_kwargs.get("ignore_mismatched_sizes"))
+    _check_weights_fit(model, loading_info, missing_on_load, plan.head, plan.source, ignore_sizes)
+    share_quantization_state(model, model.pretrained_model)  # before any adapter: peft reads it there
+    if plan.head is not None:
+        finish_head_load(model, plan.head)
+    elif missing_on_load is not None and not _head_keys(model) & missing_on_load:
+        # transformers loaded the whole head from the checkpoint although no layout of ours named it (the caller's
+        # `key_mapping` did): it holds the saved tensors all the same
+        model.v_head_source = HeadSource(file=str(plan.source))
+    own_head_memory(model)
+    if plan.adapter is not None:
+        model.pretrained_model = load_adapter(model.pretrained_model, plan.adapter, "default", is_trainable)
+        if plan.adapter_head is not None:
+            finish_head_load(model, replace(plan.adapter_head, separate_file=True))
+    return (model, loading_info) if plan.load_kwargs.get("output_loading_info") else model
+
+
+def load_adapter_value_head(model: PreTrainedModelWrapper, files: SourceFiles) -> None:
+    """Loads the value head saved next to an adapter (`files`), if there is one."""
+    head = find_adapter_value_head(files, files.config_dict().get("model_type") in VALUE_HEAD_MODEL_TYPES)
+    if head is None:
+        return
+    _check_head_shape(head, model.config.text_config, model.config.v_head_hidden_size)
+    finish_head_load(model, replace(head, separate_file=True))
+
+
+def finish_head_load(model: PreTrainedModelWrapper, head: CheckpointHead) -> None:
+    """After transformers' load: reads a head kept in a file of its own (which must hold exactly the head's
+    tensors: `CheckpointMismatchError` otherwise), zeroes the bias a bias-free head (a sequence classifier's
+    `score`) lacks, and records where the head came from."""
+    if head.key_mapping:  # transformers keeps the mapping to save in the loaded layout again; we save our own
+        model._weight_conversions = [
+            conversion
+            for conversion in getattr(model, "_weight_conversions", [])
+            if not set(conversion._original_source_patterns) & set(head.key_mapping)
+        ]
+    with _whole_head(model.v_head):
+        if head.separate_file:
+            state_dict = read_value_head(head.file)
+            _check_head_file_fits(model.v_head, state_dict, head.file)
+            device = model.v_head.summary.weight.device
+            model.v_head.load_state_dict({key: tensor.to(device) for key, tensor in state_dict.items()})
+        elif not head.has_bias:
+            with torch.no_grad():
+                model.v_head.summary.bias.zero_()
+    model.v_head_source = HeadSource(file=head.file, layout=head.layout)
+    if not head.has_lm_head and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        logger.warning(
+            f"{head.file} is a {head.layout} checkpoint, saved without an LM head: the LM head is freshly "
+            "initialised, so the logits mean nothing. Use the model as a critic or reward model "
+            "(`compute_values`, `compute_sequence_scores`), or load the policy's own checkpoint for generation."
         )
-    files: dict[str, str] = {}
-    for shard, path in paths.items():  # transformers' order: a tensor in two shards is the later shard's
-        held = reader.keys(path)
-        absent = [key for key in listed[shard] if key not in held]
-        if absent:
-            raise CorruptCheckpointError(
-                f"{index_file} lists {_listing(absent)} in {path}, which does not hold it: the index and its shards "
-                "are from different saves, or the shard is corrupt. Save or download the checkpoint again."
-            )
-        files.update(dict.fromkeys(held, path))
-    return files
 
 
-def _listing(names: list[str], shown: int = 3) -> str:
-    more = len(names) - shown
-    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
-
-
-@dataclass(frozen=True)
-class _HeadMatch:
-    layout: str
-    head_keys: dict[str, str]  # the checkpoint's head keys -> ours
-    prefix_mapping: dict[str, str] = field(default_factory=dict)  # renames the base model's keys (a regex each)
-    has_lm_head: bool = True
-
-
-# trlx's `make_head`: Linear(hidden, 2 * hidden), ReLU, Linear(2 * hidden, 1), as `v_head.0` and `v_head.2`.
-_TRLX_HEAD_KEYS = {
-    "v_head.0.weight": HIDDEN_LAYER_PREFIX + "weight",
-    "v_head.0.bias": HIDDEN_LAYER_PREFIX + "bias",
-    "v_head.2.weight": HEAD_WEIGHT_KEY,
-    "v_head.2.bias": HEAD_BIAS_KEY,
-}
-
-# Where peers keep a one-layer scalar head (`<prefix>.weight` of shape (1, hidden), bias or not), tried after the
-# config's own `value_head_prefix` (OpenRLHF): `score` (OpenRLHF since Dec 2024, transformers' sequence- and, for most
-# families, token-classification heads) and `value_head` (OpenRLHF before). `classifier` is the token-classification
-# head of GPT-2-like families, tried only when the config names such an architecture.
-LINEAR_HEAD_PREFIXES = ("score", "value_head")
-_CLASSIFIER_ARCHITECTURES = ("ForSequenceClassification", "ForTokenClassification")
-
-
-def _linear_head_layout(config: dict[str, Any], prefix: str) -> str:
-    architecture = (config.get("architectures") or [""])[0]
-    if "value_head_prefix" in config or "normalize_reward" in config or prefix == "value_head":
-        return "OpenRLHF"
-    if architecture.endswith("ForSequenceClassification"):
-        return "HF sequence classification"
-    if architecture.endswith("ForTokenClassification"):
-        return "HF token classification (verl)"
-    return f"`{prefix}` head"
-
-
-def match_head(keys: Collection[str], config: dict[str, Any], lm_prefix: str | None = None) -> _HeadMatch | None:
-    """Which writer's layout a checkpoint's value head is in, from its tensor names and its `config.json`.
-
-    Args:
-        keys: every tensor name of the checkpoint.
-        config: its `config.json`, as a dict.
-        lm_prefix: the `base_model_prefix` of the language model it holds (DeepSpeed-Chat saved the bare backbone).
-
-    Raises:
-        UnrecognizedLayoutError: a trlx value branch (its own copy of the top layers), which one head cannot hold.
-    """
-    keys = set(keys)
-    if HEAD_WEIGHT_KEY in keys:
-        native = any(key.startswith("pretrained_model.") for key in keys)
-        head_keys = {key: key for key in keys if key.startswith("v_head.")}
-        return _HeadMatch("transformers-vhead" if native else "TRL", head_keys)
-    if any(key.startswith("v_head.decoder_blocks.") for key in keys):
-        raise UnrecognizedLayoutError(
-            "This is a trlx checkpoint with a value branch (num_value_layers_unfrozen > 0): its critic has its own "
-            "trainable copy of the top decoder layers, which a value head on the shared final hidden state cannot "
-            "hold. Load it with trlx, or train with num_value_layers_unfrozen=0."
-        )
-    if "v_head.0.weight" in keys and "v_head.2.weight" in keys:
-        head_keys = {key: ours for key, ours in _TRLX_HEAD_KEYS.items() if key in keys}
-        return _HeadMatch("trlx", head_keys, {r"^base_model\.": ""})
-    if "v_head.weight" in keys and lm_prefix and any(key.startswith("rwtransformer.") for key in keys):
-        mapping = {r"^rwtransformer\.": f"{lm_prefix}."}
-        return _HeadMatch("DeepSpeed-Chat", {"v_head.weight": HEAD_WEIGHT_KEY}, mapping, has_lm_head=False)
-    prefixes = [config.get("value_head_prefix"), *LINEAR_HEAD_PREFIXES]
-    if (config.get("architectures") or [""])[0].endswith(_CLASSIFIER_ARCHITECTURES):
-        prefixes.append("classifier")
-    for prefix in filter(None, prefixes):
-        if f"{prefix}.weight" in keys:
-            head_keys = {f"{prefix}.weight": HEAD_WEIGHT_KEY}
-            if f"{prefix}.bias" in keys:
-                head_keys[f"{prefix}.bias"] = HEAD_BIAS_KEY
-            return _HeadMatch(_linear_head_layout(config, prefix), head_keys, has_lm_head=False)
-    return None
-
-
-def _layout_settings(match: _HeadMatch, shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> dict[str, Any]:
-    """The head settings a layout implies: trlx's MLP width (and no dropout: trlx's head has none), OpenRLHF's reward
-    statistics."""
-    if match.layout == "trlx":
-        return {"v_head_hidden_size": shapes[HIDDEN_LAYER_PREFIX + "weight"][0], "summary_dropout_prob": 0.0}
-    if match.layout == "OpenRLHF" and config.get("mean") is not None and config.get("std") is not None:
-        return {"score_mean": config["mean"], "score_std": config["std"]}
-    return {}
-
-
-def find_value_head(
-    path_or_id: str | os.PathLike,
-    hub_kwargs: dict,
-    variant: str | None = None,
-    use_safetensors: bool | None = None,
-    lm_prefix: str | None = None,
-) -> CheckpointHead | None:
-    """Finds the value head of the checkpoint transformers will load from `path_or_id`, in any layout we read.
-
-    Layouts (see `match_head`): ours and TRL's (`v_head.summary.*` among the model's keys, in one file or one shard),
-    trlx (`base_model.*` and an MLP `v_head.{0,2}.*`), DeepSpeed-Chat (`rwtransformer.*` and `v_head.weight`),
-    OpenRLHF (`<value_head_prefix>.weight`, `score.weight` or `value_head.weight`, reward statistics in the config),
-    transformers' sequence classification (`score.weight`, no bias) and token classification (verl's critic:
-    `score` or `classifier` with a bias), and LLaMA-Factory (`value_head.safetensors` / `value_head.bin` beside an
-    ordinary checkpoint).
-
-    Args:
-        path_or_id, hub_kwargs, variant, use_safetensors: as for `checkpoint_tensor_files`.
-        lm_prefix: the `base_model_prefix` of the language model the checkpoint holds.
-
-    Returns:
-        The head's file, shapes (in our key names), layout, the key mapping and settings that load it; `None` when the
-        checkpoint has no value head (a plain LM) or no weights at all.
-
-    Raises:
-        CorruptCheckpointError: a weights file or index is corrupt (see [`checkpoint_tensor_files`]), or the head's
-            tensors are not floating point or hold NaN or infinity (see [`check_head_tensors`]).
-        UnsafePickleError: a pickle the load would read would run code.
-        InvalidConfigError: the `config.json` is not a JSON object.
-    """
-    path_or_id = str(path_or_id)
-    config = read_config_dict(path_or_id, hub_kwargs)
-    reader = WeightsReader()
-    files = checkpoint_tensor_files(
-        path_or_id, hub_kwargs, variant, use_safetensors, _explicit_weights_name(config), reader
-    )
-    if files:
-        match = match_head(files.keys(), config, lm_prefix)
-        if match is not None:
-            check_head_tensors(reader, {key: files[key] for key in match.head_keys})  # first: its message is plainer
-        check_weight_dtypes(reader, files, config)
-        if match is not None:
-            shapes = {ours: reader.info(files[key], key).shape for key, ours in match.head_keys.items()}
-            key_mapping = {rf"^{re.escape(key)}$": ours for key, ours in match.head_keys.items() if key != ours}
-            return CheckpointHead(
-                file=files[next(key for key, ours in match.head_keys.items() if ours == HEAD_WEIGHT_KEY)],
-                shapes=shapes,
-                layout=match.layout,
-                key_mapping={**match.prefix_mapping, **key_mapping},
-                settings=_layout_settings(match, shapes, config),
-                has_lm_head=match.has_lm_head,
-            )
-    return _head_file_beside(path_or_id, hub_kwargs, "LLaMA-Factory", reader)  # kept out of the model's checkpoint
-
-
-def _is_quantized(config: dict[str, Any]) -> bool:
-    text_config = config.get("text_config")
-    return "quantization_config" in config or (isinstance(text_config, dict) and "quantization_config" in text_config)
-
-
-def check_weight_dtypes(reader: WeightsReader, files: dict[str, str], config: dict[str, Any]) -> None:
-    """Refuses a `*.weight` tensor of an integer or bool dtype in a checkpoint whose `config.json` declares no
-    quantization: a header whose `F32` became `I32` (one byte) describes a valid file, whose bytes transformers would
-    cast to garbage values without a word. (Biases and buffers are left alone: old GPT-2 checkpoints keep a bool
-    `attn.bias` mask.) Only the dtypes already read with the headers are looked at.
-
-    Raises:
-        CorruptCheckpointError: names the file and the tensor.
-    """
-    if _is_quantized(config):
+@torch.no_grad()
+def own_head_memory(model: PreTrainedModelWrapper) -> None:
+    """Gives the head's tensors memory of their own. Loaded ones are memory-mapped from the checkpoint, at an offset
+    that may be unaligned, where BLAS can take another path and values differ from the saved model's by an ulp; the
+    head is tiny, so a copy costs nothing. Parameters not materialised here (meta, ZeRO-3 shards) are left."""
+    if is_deepspeed_zero3_enabled():
         return
-    for file in dict.fromkeys(files.values()):
-        for key in reader.not_floating(file):
-            if key.endswith(".weight") and files.get(key) == file:
-                raise CorruptCheckpointError(
-                    f"{file} holds the weight `{key}` as {reader.info(file, key).dtype}, but the model's weights are "
-                    "floating point and its config.json declares no quantization: the file's header is corrupt (the "
-                    "tensor would load as garbage values). Download or save it again."
-                )
+    for parameter in model.v_head.parameters():
+        if parameter.device.type != "meta":
+            parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
 
 
-def check_head_tensors(reader: WeightsReader, files: dict[str, str]) -> None:
-    """Refuses a value head that would load as a broken one: a tensor that is not floating point (float16 and
-    bfloat16 are fine: they are cast to the head's float32), or that holds NaN or infinity. The head's tensors are
-    tiny and read whole; the base model's weights are not scanned.
+def _whole_head(head: nn.Module):
+    """The head's full tensors for the block. Under ZeRO-3 its parameters are empty shards outside the block: every
+    rank gathers them (every rank loads the model, so every rank is here), and rank 0's values are partitioned again
+    after it. Parameters that are not DeepSpeed's (a model built before ZeRO-3 was on) are left as they are."""
+    if not is_deepspeed_zero3_enabled():
+        return nullcontext()
+    import deepspeed
 
-    Args:
-        reader: the reader the checkpoint's files were read with.
-        files: the checkpoint's name of each head tensor, with the file that holds it.
-
-    Raises:
-        CorruptCheckpointError: names the file, the tensor and what to do.
-    """
-    for key, file in files.items():
-        info = reader.info(file, key)
-        if not info.is_floating_point:
-            raise CorruptCheckpointError(
-                f"{file} holds the value head's `{key}` as {info.dtype}, but a value head's weights are floating point "
-                "(float32, or float16 / bfloat16, which are cast): the file is corrupt or was not written for this "
-                "head. Load an earlier checkpoint, or the base model's weights for a fresh head."
-            )
-    for file in dict.fromkeys(files.values()):
-        names = [key for key, holder in files.items() if holder == file]
-        for key, tensor in reader.tensors(file, names).items():
-            finite = torch.isfinite(tensor.float())
-            if not finite.all():
-                raise CorruptCheckpointError(
-                    f"{file} holds NaN or infinity in the value head's `{key}` ({int((~finite).sum())} of "
-                    f"{finite.numel()} values): the training that wrote it diverged, or the file is corrupt. Load an "
-                    "earlier checkpoint, or the base model's weights for a fresh head."
-                )
+    return deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=0)
 
 
-def _head_file_beside(
-    path_or_id: str, hub_kwargs: dict, layout: str, reader: WeightsReader | None = None
-) -> CheckpointHead | None:
-    """The first of `ADAPTER_HEAD_NAMES` beside a model or adapter that holds a value head, as a separate file (its
-    `v_head.*` tensors checked with [`check_head_tensors`])."""
-    reader = reader or WeightsReader()
-    for name in ADAPTER_HEAD_NAMES:
-        resolved = resolve_file(path_or_id, name, hub_kwargs)
-        if resolved is None:
-            continue
-        keys = reader.keys(resolved)
-        shapes = {key: reader.info(resolved, key).shape for key in (HEAD_WEIGHT_KEY, HEAD_BIAS_KEY) if key in keys}
-        if shapes:
-            check_head_tensors(reader, {key: resolved for key in keys if key.startswith("v_head.")})
-            return CheckpointHead(resolved, shapes, layout=layout, separate_file=True)
-    return None
-
-
-def find_adapter_value_head(path_or_id: str | os.PathLike, hub_kwargs: dict) -> CheckpointHead | None:
-    """Finds the value head saved next to a PEFT adapter: `value_head.safetensors` (ours, LLaMA-Factory's),
-    `value_head.bin` (LLaMA-Factory's), or a `pytorch_model.bin` / `model.safetensors` holding `v_head.*` (TRL's).
-
-    Returns:
-        The file and its head tensors' shapes, or `None` when the adapter was saved without a head.
-    """
-    path_or_id = str(path_or_id)
-    ours = read_config_dict(path_or_id, hub_kwargs).get("model_type", "").startswith("transformers-vhead")
-    head = _head_file_beside(path_or_id, hub_kwargs, "transformers-vhead" if ours else "LLaMA-Factory")
-    if head is not None:
-        return head
-    head = find_value_head(path_or_id, hub_kwargs)
-    return head if head is not None and head.layout in ("TRL", "transformers-vhead") else None
-
-
-# Files a checkpoint directory can hold that say nothing about a model (git and hub bookkeeping, cards, licences).
-_NOT_MODEL_FILES = (".gitattributes", "README.md", "LICENSE", "LICENSE.txt", "USE_POLICY.md")
-# transformers' weight files, with or without a variant or shard number, and the ones of the layouts we read.
-_WEIGHT_FILE_PATTERN = re.compile(
-    r"^(model|pytorch_model|adapter_model|value_head)([.-].*)?\.(safetensors|bin)(\.index\.json)?$|\.gguf$"
-)
-
-
-def check_model_source(path_or_id: str | os.PathLike, hub_kwargs: dict) -> None:
-    """Fails early, with a message that says what to do, when `path_or_id` cannot hold a model we load.
-
-    A local directory must hold a `config.json` (or a PEFT `adapter_config.json`) and weights that transformers reads;
-    a hub id, while downloads are off, must be in the hub cache. Anything else is left to transformers.
-
-    Raises:
-        NoModelFoundError: the path does not exist, or the directory holds no model files at all.
-        UnrecognizedLayoutError: the directory holds files, but in no layout we read (they are listed).
-        NotInOfflineCacheError: a hub id with no copy in the cache while `HF_HUB_OFFLINE=1` or `local_files_only`.
-    """
-    subfolder = hub_kwargs.get("subfolder")
-    path = os.path.join(str(path_or_id), subfolder) if subfolder else str(path_or_id)
-    if os.path.isdir(path):
-        files = sorted(name for name in os.listdir(path) if not name.startswith("."))
-        model_files = [name for name in files if name not in _NOT_MODEL_FILES]
-        if not model_files:
-            found = f" (only {', '.join(files)})" if files else ""
-            raise NoModelFoundError(
-                f"{path} holds no model{found}. Point to the directory that `save_pretrained` wrote, with its "
-                "config.json and weights."
-            )
-        has_config = "config.json" in files or "adapter_config.json" in files
-        has_weights = any(_WEIGHT_FILE_PATTERN.search(name) for name in files)
-        if not (has_config and has_weights):
-            missing = (
-                "weights (model.safetensors, pytorch_model.bin or a sharded index)"
-                if has_config
-                else "config.json (or a PEFT adapter_config.json)"
-            )
-            raise UnrecognizedLayoutError(
-                f"{path} is not a checkpoint layout we can read: it has no {missing}. Found: {', '.join(files)}. "
-                "Layouts read: transformers-vhead, TRL, trlx, OpenRLHF, LLaMA-Factory, verl, DeepSpeed-Chat and "
-                "transformers' own (save_pretrained), or a PEFT adapter."
-            )
+def _report_head_source(model: PreTrainedModelWrapper, source) -> None:
+    if model.v_head_source.is_loaded or not isinstance(source, (str, os.PathLike)):
+        logger.info(f"Value head of {type(model).__name__} {model.v_head_source}.")
         return
-    if os.path.exists(path):
-        raise NoModelFoundError(f"{path} is a file, not a model directory: pass the directory that holds it.")
-    try:
-        validate_repo_id(str(path_or_id))
-    except HFValidationError:
-        raise NoModelFoundError(f"{path_or_id} does not exist, and it is not a hub id (`org/name`).") from None
-    if not (is_offline_mode() or hub_kwargs.get("local_files_only")):
-        return
-    if any(resolve_file(str(path_or_id), name, hub_kwargs) for name in ("config.json", "adapter_config.json")):
-        return
-    why = "local_files_only=True" if hub_kwargs.get("local_files_only") else "HF_HUB_OFFLINE=1 is set"
-    cache = hub_kwargs.get("cache_dir") or constants.HF_HUB_CACHE
-    raise NotInOfflineCacheError(
-        f"{path_or_id} is not a local directory, and the hub cache at {cache} has no copy of it"
-        f"{' at revision ' + hub_kwargs['revision'] if hub_kwargs.get('revision') else ''}; downloads are off "
-        f"({why}). Download it where there is a network (`hf download {path_or_id}`) into this cache, or pass a "
-        "local directory."
+    logger.warning(
+        f"Value head of {type(model).__name__} {model.v_head_source}: {source} holds no value head in any layout "
+        f"we read (`v_head.*`, a `score` / `value_head` / `classifier` head, or {' / '.join(ADAPTER_HEAD_NAMES)} "
+        "beside the model or its adapter). That is right when starting from a plain language model; to resume "
+        "training, load a checkpoint saved with its value head."
     )
 
 
-def read_value_head(path: str) -> dict[str, torch.Tensor]:
-    """The `v_head.*` tensors of a weights file, with the `v_head.` prefix stripped (the keys of `ValueHead`)."""
-    tensors = read_tensors(path, lambda name: name.startswith("v_head."))
-    return {name.removeprefix("v_head."): tensor for name, tensor in tensors.items()}
+# Layouts whose head is always saved whole (weight and bias, and trlx's hidden layer): a tensor of it that did not load
+# is a corrupt checkpoint. A classifier's `score` (and OpenRLHF's, DeepSpeed-Chat's) has no bias: it loads as zero.
+_WHOLE_HEAD_LAYOUTS = ("transformers-vhead", "TRL", "trlx")
+_OWN_PREFIXES = ("pretrained_model.", "v_head.")
+_LISTED = 5  # keys of each kind an error lists
+
+
+def _head_keys(model) -> set[str]:
+    return {f"v_head.{key}" for key in model.v_head.state_dict()}
+
+
+def _listed(keys) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - _LISTED} more" if len(keys) > _LISTED else ""
+    return ", ".join(keys[:_LISTED]) + more
+
+
+def _ignored(keys: set[str], patterns) -> set[str]:
+    """The wrapped model's keys (named with our `pretrained_model.` prefix) that its own class says to ignore."""
+    if not patterns:
+        return set()
+    pattern = re.compile("|".join(f"({pattern})" for pattern in patterns))
+    return {key for key in keys if pattern.search(key.removeprefix("pretrained_model."))}
+
+
+def _check_weights_fit(
+    model,
+    loading_info: dict,
+    missing_on_load: set[str] | None,
+    head: CheckpointHead | None,
+    source,
+    ignore_mismatched_sizes: bool,
+) -> None:
+    """Raises `CheckpointMismatchError` when the weights transformers loaded do not fit the model the config built.
+
+    Read from transformers' own load report (no file is read again):
+    - in every layout: none of the wrapped model's weights loaded (the config names another model than the weights
+      are for), a tensor whose shape differs (unless `ignore_mismatched_sizes`), a head found in the checkpoint that
+      did not load whole (`_WHOLE_HEAD_LAYOUTS`), or only part of one;
+    - in our own layout (a head of ours found, or tensors named in our namespace left over): any tensor the model
+      lacks, and any weight of the model the checkpoint lacks, except what the wrapped model's class says to ignore
+      (transformers has already left out tied weights and buffers that are not saved).
+    Other layouts keep transformers' behaviour: a classifier lacks its LM head, a trlx checkpoint holds a reference
+    branch; the load report (and our warning) says so.
+    """
+    missing = set(loading_info["missing_keys"])
+    unexpected = set(loading_info["unexpected_keys"])
+    mismatched = {key: (tuple(saved), tuple(wanted)) for key, saved, wanted in loading_info["mismatched_keys"]}
+    base = without_peft(model.pretrained_model)
+    missing_base = {key for key in missing if key.startswith("pretrained_model.")}
+    # listing the model's keys costs a walk over its modules: done only when some of its weights did not load
+    base_keys = {f"pretrained_model.{key}" for key in base.state_dict()} if missing_base or mismatched else set()
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    problems = []
+    if base_keys and not base_keys - missing_base - set(mismatched) - tied:
+        kind = f"{type(base).__name__} (model_type {base.config.model_type!r})"
+        found = f"; the checkpoint holds {_listed(unexpected)} instead" if unexpected else ""
+        raise CheckpointMismatchError(
+            f"None of the weights of the {kind} that the config of {source} describes are in its checkpoint (it "
+            f"lacks {_listed(missing_base)}{found}): the config names another model than the weights are for, or the "
+            "weights are not this model's. Fix the model_type in config.json (text_config's, for a value-head "
+            "model), or load the directory the weights were saved to."
+        )
+    if mismatched and not ignore_mismatched_sizes:
+        shapes = {f"{key} (checkpoint {saved}, model {wanted})" for key, (saved, wanted) in mismatched.items()}
+        problems.append(f"shapes that differ: {_listed(shapes)}")
+    if missing_on_load is not None:
+        head_missing = _head_keys(model) & missing_on_load
+        if head is not None and not head.separate_file:
+            may_lack = set() if head.layout in _WHOLE_HEAD_LAYOUTS or head.has_bias else {HEAD_BIAS_KEY}
+            head_missing -= may_lack
+        elif head_missing == _head_keys(model):
+            head_missing = set()  # no head in the checkpoint: a fresh one (or one read from its own file)
+        if head_missing:
+            problems.append(f"value head tensors it lacks: {_listed(head_missing)}")
+    own_layout = (head is not None and head.layout == "transformers-vhead") or any(
+        key.startswith(_OWN_PREFIXES) for key in unexpected
+    )
+    if own_layout:
+        unexpected -= _ignored(unexpected, base._keys_to_ignore_on_load_unexpected)
+        missing = missing_base - _ignored(missing_base, base._keys_to_ignore_on_load_missing)
+        if unexpected:
+            problems.append(f"tensors the model does not have: {_listed(unexpected)}")
+        if missing:
+            problems.append(f"weights of the model it lacks: {_listed(missing)}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"The checkpoint at {source} does not fit the {type(base).__name__} its config describes: "
+            f"{'; '.join(problems)}. A tensor was renamed, dropped, added or resized (a corrupt or hand-edited "
+            "checkpoint), or config.json names another model than the weights are for. Restore the checkpoint and "
+            "its config.json from a good copy, or save the model again."
+        )
+
+
+def _check_head_file_fits(v_head: nn.Module, state_dict: dict[str, torch.Tensor], file: str) -> None:
+    """Raises `CheckpointMismatchError` unless a head read from a file of its own has exactly the head's tensors."""
+    expected = v_head.state_dict()
+    problems = []
+    if lacking := set(expected) - set(state_dict):
+        problems.append(f"it lacks {_listed(f'v_head.{key}' for key in lacking)}")
+    if extra := set(state_dict) - set(expected):
+        problems.append(f"the head has no {_listed(f'v_head.{key}' for key in extra)}")
+    resized = {
+        f"v_head.{key} (file {tuple(tensor.shape)}, model {tuple(expected[key].shape)})"
+        for key, tensor in state_dict.items()
+        if key in expected and tensor.shape != expected[key].shape
+    }
+    if resized:
+        problems.append(f"shapes that differ: {_listed(resized)}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"The value head in {file} does not fit this model's head: {'; '.join(problems)}. The file is corrupt or "
+            "was written for another head (e.g. with or without a hidden layer). Restore it from a good copy, or load "
+            "the model without it for a fresh head."
+        )

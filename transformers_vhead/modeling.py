@@ -7,12 +7,7 @@ states are kept for it; a value-only call stops right after the decoder and neve
 
 from __future__ import annotations
 
-import copy
-import json
 import os
-import re
-from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,19 +16,9 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput, logging
 
-from .adapters import (
-    KBIT_TRAINING_KEYWORDS,
-    AdapterMethods,
-    add_adapter,
-    check_language_model,
-    check_peft_config,
-    find_adapter,
-    load_adapter,
-    share_quantization_state,
-)
+from .adapters import AdapterMethods, check_language_model
 from .capture import final_hidden_state, install_capture_hook
 from .cards import render_model_card
 from .compat import CACHE_NAME
@@ -44,33 +29,14 @@ from .configuration import (
     ValueHeadConfig,
     describe_v_head_init,
     explicit_head_settings,
-    resolve_hidden_size,
 )
 from .distributed import gather_for_save, refuse_zero3_shards, wait_for_writer, writes_checkpoint
-from .errors import (
-    CheckpointMismatchError,
-    HeadShapeMismatchError,
-    InvalidConfigError,
-    InvalidModelSourceError,
-    MissingLMHeadError,
-    RewardAdapterError,
-)
+from .errors import MissingLMHeadError
 from .heads import NOT_GIVEN, ValueHead, init_linear
 from .hub import push_to_hub
 from .inputs import check_model_inputs
-from .loading import (
-    ADAPTER_HEAD_NAMES,
-    HEAD_BIAS_KEY,
-    HEAD_WEIGHT_KEY,
-    HIDDEN_LAYER_PREFIX,
-    CheckpointHead,
-    HeadSource,
-    check_model_source,
-    find_adapter_value_head,
-    find_value_head,
-    hub_kwargs_of,
-    read_value_head,
-)
+from .layouts import ADAPTER_HEAD_NAMES, HeadSource
+from .loading import load_adapter_value_head, load_pretrained
 from .locking import AdapterLock
 from .logprobs import LogProbsMethods
 from .outputs import (
@@ -80,11 +46,12 @@ from .outputs import (
     Seq2SeqLMOutputWithValueAndPast,
 )
 from .packing import is_packed_form
-from .peft_support import is_peft_model, require_peft, without_peft
-from .placement import check_device_map, keep_fresh_head_off_disk
+from .peft_support import is_peft_model, without_peft
+from .placement import keep_fresh_head_off_disk
 from .reference import ReferenceMethods
 from .reward import RewardScoring
 from .saving import staged_save
+from .sources import SourceFiles
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -316,93 +283,7 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, LogProbsMethods, 
             RewardAdapterError, AdapterNotFoundError, MissingScoreHeadError, AdapterMismatchError: a bad reward
                 adapter (see [`add_and_load_reward_modeling_adapter`]).
         """
-        peft_config = kwargs.pop("peft_config", None)
-        is_trainable = kwargs.pop("is_trainable", False)
-        reward_adapter = kwargs.pop("reward_adapter", None)
-        reward_adapter_name = kwargs.pop("reward_adapter_name", "reward_adapter")
-        kwargs = explicit_head_settings(kwargs)
-        kwargs.pop("adapter_kwargs", None)  # the auto classes pass the adapter they found; it is found again below
-        kbit_training = {key: kwargs.pop(key) for key in KBIT_TRAINING_KEYWORDS if key in kwargs}  # TRL's
-        if peft_config is not None:
-            check_peft_config(peft_config)
-        if "device_map" in kwargs:  # a dict is copied: the head's entry may be adjusted in it while loading
-            kwargs["device_map"] = check_device_map(kwargs["device_map"], cls.__name__)
-        if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):
-            raise RewardAdapterError(
-                f"reward_adapter must be a local path or a hub id of a saved reward adapter, got "
-                f"{type(reward_adapter).__name__}."
-            )
-        hub_kwargs = hub_kwargs_of(kwargs)
-
-        source = pretrained_model_name_or_path
-        adapter = None
-        if isinstance(source, PreTrainedModel) or is_peft_model(source):
-            loaded = cls(source, **kwargs).train(source.training)  # the head follows the wrapped model's mode
-        elif not isinstance(source, (str, os.PathLike)):
-            raise InvalidModelSourceError(
-                f"{cls.__name__}.from_pretrained takes a local directory, a hub id or a transformers PreTrainedModel, "
-                f"got {type(source).__name__}."
-            )
-        else:
-            if kwargs.get("state_dict") is None:  # weights given as a state dict need no files
-                check_model_source(source, hub_kwargs)
-                adapter = find_adapter(source, hub_kwargs)
-            if adapter is not None:
-                loaded = cls._from_adapter(source, adapter[0], is_trainable, hub_kwargs, model_args, kwargs)
-            else:
-                loaded = cls._from_checkpoint(source, model_args, kwargs, hub_kwargs)
-        model = _model_of(loaded)
-
-        if peft_config is not None:
-            if model.is_peft_model:
-                logger.warning(
-                    f"peft_config is ignored: {source} already holds an adapter, which is loaded instead. Load the "
-                    "base model to train a fresh adapter."
-                )
-            else:
-                model.pretrained_model = add_adapter(model.pretrained_model, peft_config, kbit_training=kbit_training)
-        if reward_adapter is not None:
-            model._attach_reward_adapter(reward_adapter, reward_adapter_name, kwargs)
-        model._report_head_source(source)
-        return loaded
-
-    @classmethod
-    def _from_checkpoint(cls, pretrained_model_name_or_path, model_args: tuple, kwargs: dict, hub_kwargs: dict):
-        head = None
-        if kwargs.get("state_dict") is None and kwargs.get("gguf_file") is None:
-            config = kwargs.get("config")
-            if not isinstance(config, ValueHeadConfig):
-                config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
-            lm_classes = cls.transformers_parent_class._model_mapping  # remote-code models are not in it
-            lm_class = lm_classes[type(config.text_config)] if type(config.text_config) in lm_classes else None
-            lm_prefix = getattr(lm_class, "base_model_prefix", None)  # where DeepSpeed-Chat's backbone goes
-            head = find_value_head(
-                pretrained_model_name_or_path,
-                hub_kwargs,
-                kwargs.get("variant"),
-                kwargs.get("use_safetensors"),
-                lm_prefix,
-            )
-            if head is not None:
-                kwargs = _with_layout_settings(kwargs, head)
-                hidden_layer_size = kwargs.get("v_head_hidden_size") or config.v_head_hidden_size
-                _check_head_shape(head, config.text_config, hidden_layer_size)
-        # transformers' own load report, always, to check the weights against the model (the caller gets it only if
-        # asked); sizes that differ are reported rather than raised, so that the error can name them
-        load_kwargs = {**kwargs, "output_loading_info": True, "ignore_mismatched_sizes": True}
-        model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *model_args, **load_kwargs)
-        missing_on_load = model.__dict__.pop("_missing_on_load", None)  # None: transformers skipped that step
-        ignore_sizes = bool(kwargs.get("ignore_mismatched_sizes"))
-        _check_weights_fit(model, loading_info, missing_on_load, head, pretrained_model_name_or_path, ignore_sizes)
-        share_quantization_state(model, model.pretrained_model)  # before any adapter: peft reads it there
-        if head is not None:
-            model._finish_head_load(head)
-        elif missing_on_load is not None and not _head_keys(model) & missing_on_load:
-            # transformers loaded the whole head from the checkpoint although no layout of ours named it (the caller's
-            # `key_mapping` did): it holds the saved tensors all the same
-            model.v_head_source = HeadSource(file=str(pretrained_model_name_or_path))
-        model._own_head_memory()
-        return (model, loading_info) if kwargs.get("output_loading_info") else model
+        return load_pretrained(cls, pretrained_model_name_or_path, model_args, kwargs, super().from_pretrained)
 
     def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
         # transformers drops the keys `_keys_to_ignore_on_load_missing` names (the head's, so that a fresh head is not
@@ -410,85 +291,9 @@ class PreTrainedModelWrapper(AdapterMethods, ReferenceMethods, LogProbsMethods, 
         self._missing_on_load = set(loading_info.missing_keys)
         super()._adjust_missing_and_unexpected_keys(loading_info)
 
-    @torch.no_grad()
-    def _own_head_memory(self) -> None:
-        """Gives the head's tensors memory of their own. Loaded ones are memory-mapped from the checkpoint, at an offset
-        that may be unaligned, where BLAS can take another path and values differ from the saved model's by an ulp;
-        the head is tiny, so a copy costs nothing. Parameters not materialised here (meta, ZeRO-3 shards) are left."""
-        if is_deepspeed_zero3_enabled():
-            return
-        for parameter in self.v_head.parameters():
-            if parameter.device.type != "meta":
-                parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
-
-    def _finish_head_load(self, head: CheckpointHead) -> None:
-        """After transformers' load: reads a head kept in a file of its own (which must hold exactly the head's
-        tensors: `CheckpointMismatchError` otherwise), zeroes the bias a bias-free head (a sequence classifier's
-        `score`) lacks, and records where the head came from."""
-        if head.key_mapping:  # transformers keeps the mapping to save in the loaded layout again; we save our own
-            self._weight_conversions = [
-                conversion
-                for conversion in getattr(self, "_weight_conversions", [])
-                if not set(conversion._original_source_patterns) & set(head.key_mapping)
-            ]
-        with _whole_head(self.v_head):
-            if head.separate_file:
-                state_dict = read_value_head(head.file)
-                _check_head_file_fits(self.v_head, state_dict, head.file)
-                device = self.v_head.summary.weight.device
-                self.v_head.load_state_dict({key: tensor.to(device) for key, tensor in state_dict.items()})
-            elif not head.has_bias:
-                with torch.no_grad():
-                    self.v_head.summary.bias.zero_()
-        self.v_head_source = HeadSource(file=head.file, layout=head.layout)
-        if not head.has_lm_head and self.get_output_embeddings().weight is not self.get_input_embeddings().weight:
-            logger.warning(
-                f"{head.file} is a {head.layout} checkpoint, saved without an LM head: the LM head is freshly "
-                "initialised, so the logits mean nothing. Use the model as a critic or reward model "
-                "(`compute_values`, `compute_sequence_scores`), or load the policy's own checkpoint for generation."
-            )
-
-    @classmethod
-    def _from_adapter(
-        cls, adapter_id, adapter_config_file: str, is_trainable: bool, hub_kwargs: dict, model_args: tuple, kwargs
-    ):
-        """The base model named by the adapter's config, the adapter on it, and the value head saved next to it."""
-        adapter_dir = os.path.dirname(adapter_config_file)
-        peft = require_peft(f"Loading the PEFT adapter at {adapter_id}")
-        base = peft.PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
-        if not base:
-            raise InvalidModelSourceError(
-                f"The adapter at {adapter_id} names no base model (base_model_name_or_path is empty in its "
-                "adapter_config.json): load the base model, then `model.load_adapter(path)`."
-            )
-        # revision and subfolder name where the adapter is, not the base model
-        base_kwargs = {key: value for key, value in kwargs.items() if key not in ("revision", "subfolder")}
-        if not isinstance(base_kwargs.get("config"), ValueHeadConfig):  # the auto classes pass the saved config
-            base_kwargs = {**_saved_head_settings(adapter_dir, cls.config_class), **base_kwargs}
-        loaded = cls._from_checkpoint(base, model_args, base_kwargs, hub_kwargs_of(base_kwargs))
-        model = _model_of(loaded)
-        model.pretrained_model = load_adapter(model.pretrained_model, adapter_id, "default", is_trainable, hub_kwargs)
-        model._load_adapter_value_head(adapter_id, hub_kwargs)
-        return loaded
-
-    def _load_adapter_value_head(self, adapter_id, hub_kwargs: dict) -> None:
-        """Loads the value head saved next to an adapter, if there is one."""
-        head = find_adapter_value_head(adapter_id, hub_kwargs)
-        if head is None:
-            return
-        _check_head_shape(head, self.config.text_config, self.config.v_head_hidden_size)
-        self._finish_head_load(replace(head, separate_file=True))
-
-    def _report_head_source(self, source) -> None:
-        if self.v_head_source.is_loaded or not isinstance(source, (str, os.PathLike)):
-            logger.info(f"Value head of {type(self).__name__} {self.v_head_source}.")
-            return
-        logger.warning(
-            f"Value head of {type(self).__name__} {self.v_head_source}: {source} holds no value head in any layout "
-            f"we read (`v_head.*`, a `score` / `value_head` / `classifier` head, or {' / '.join(ADAPTER_HEAD_NAMES)} "
-            "beside the model or its adapter). That is right when starting from a plain language model; to resume "
-            "training, load a checkpoint saved with its value head."
-        )
+    def _load_adapter_value_head(self, files: SourceFiles) -> None:
+        """Loads the value head saved next to an adapter (`files`), if there is one (`AdapterMethods.load_adapter`)."""
+        load_adapter_value_head(self, files)
 
     def save_pretrained(
         self,
@@ -693,196 +498,10 @@ def _under(state_dict: dict, prefix: str) -> dict:
     return {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
-def _whole_head(head: nn.Module):
-    """The head's full tensors for the block. Under ZeRO-3 its parameters are empty shards outside the block: every
-    rank gathers them (every rank loads the model, so every rank is here), and rank 0's values are partitioned again
-    after it. Parameters that are not DeepSpeed's (a model built before ZeRO-3 was on) are left as they are."""
-    if not is_deepspeed_zero3_enabled():
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=0)
-
-
 def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
     if past_key_values is not None and cache is not None:
         raise ValueError("Pass the cache once, as `cache` or as `past_key_values` (its name before transformers 5.24).")
     return cache if cache is not None else past_key_values
-
-
-def _model_of(loaded):
-    """The model that `from_pretrained` returned: alone, or first in `(model, loading_info)` with
-    `output_loading_info=True`."""
-    return loaded[0] if isinstance(loaded, tuple) else loaded
-
-
-def _check_head_shape(head: CheckpointHead, text_config, hidden_layer_size: int | None = None) -> None:
-    """Raises `HeadShapeMismatchError` unless the checkpoint's head fits a model of `text_config`."""
-    width = resolve_hidden_size(text_config)
-    expected = {HEAD_WEIGHT_KEY: (1, hidden_layer_size or width)}
-    if hidden_layer_size is not None:
-        expected[HIDDEN_LAYER_PREFIX + "weight"] = (hidden_layer_size, width)
-    for key, shape in expected.items():
-        found = head.shapes.get(key)
-        if found != shape:
-            raise HeadShapeMismatchError(
-                f"{head.file} holds a value head ({head.layout} layout) whose {key} has shape {found}, but this "
-                f"{text_config.model_type} model (hidden size {width}) needs {shape}: the head was trained for another "
-                "base model. Load a checkpoint of this base model, or start from its plain weights for a fresh head."
-            )
-
-
-# Layouts whose head is always saved whole (weight and bias, and trlx's hidden layer): a tensor of it that did not load
-# is a corrupt checkpoint. A classifier's `score` (and OpenRLHF's, DeepSpeed-Chat's) has no bias: it loads as zero.
-_WHOLE_HEAD_LAYOUTS = ("transformers-vhead", "TRL", "trlx")
-_OWN_PREFIXES = ("pretrained_model.", "v_head.")
-_LISTED = 5  # keys of each kind an error lists
-
-
-def _head_keys(model) -> set[str]:
-    return {f"v_head.{key}" for key in model.v_head.state_dict()}
-
-
-def _listed(keys) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - _LISTED} more" if len(keys) > _LISTED else ""
-    return ", ".join(keys[:_LISTED]) + more
-
-
-def _ignored(keys: set[str], patterns) -> set[str]:
-    """The wrapped model's keys (named with our `pretrained_model.` prefix) that its own class says to ignore."""
-    if not patterns:
-        return set()
-    pattern = re.compile("|".join(f"({pattern})" for pattern in patterns))
-    return {key for key in keys if pattern.search(key.removeprefix("pretrained_model."))}
-
-
-def _check_weights_fit(
-    model,
-    loading_info: dict,
-    missing_on_load: set[str] | None,
-    head: CheckpointHead | None,
-    source,
-    ignore_mismatched_sizes: bool,
-) -> None:
-    """Raises `CheckpointMismatchError` when the weights transformers loaded do not fit the model the config built.
-
-    Read from transformers' own load report (no file is read again):
-    - in every layout: none of the wrapped model's weights loaded (the config names another model than the weights
-      are for), a tensor whose shape differs (unless `ignore_mismatched_sizes`), a head found in the checkpoint that
-      did not load whole (`_WHOLE_HEAD_LAYOUTS`), or only part of one;
-    - in our own layout (a head of ours found, or tensors named in our namespace left over): any tensor the model
-      lacks, and any weight of the model the checkpoint lacks, except what the wrapped model's class says to ignore
-      (transformers has already left out tied weights and buffers that are not saved).
-    Other layouts keep transformers' behaviour: a classifier lacks its LM head, a trlx checkpoint holds a reference
-    branch; the load report (and our warning) says so.
-    """
-    missing = set(loading_info["missing_keys"])
-    unexpected = set(loading_info["unexpected_keys"])
-    mismatched = {key: (tuple(saved), tuple(wanted)) for key, saved, wanted in loading_info["mismatched_keys"]}
-    base = without_peft(model.pretrained_model)
-    missing_base = {key for key in missing if key.startswith("pretrained_model.")}
-    # listing the model's keys costs a walk over its modules: done only when some of its weights did not load
-    base_keys = {f"pretrained_model.{key}" for key in base.state_dict()} if missing_base or mismatched else set()
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    problems = []
-    if base_keys and not base_keys - missing_base - set(mismatched) - tied:
-        kind = f"{type(base).__name__} (model_type {base.config.model_type!r})"
-        found = f"; the checkpoint holds {_listed(unexpected)} instead" if unexpected else ""
-        raise CheckpointMismatchError(
-            f"None of the weights of the {kind} that the config of {source} describes are in its checkpoint (it "
-            f"lacks {_listed(missing_base)}{found}): the config names another model than the weights are for, or the "
-            "weights are not this model's. Fix the model_type in config.json (text_config's, for a value-head "
-            "model), or load the directory the weights were saved to."
-        )
-    if mismatched and not ignore_mismatched_sizes:
-        shapes = {f"{key} (checkpoint {saved}, model {wanted})" for key, (saved, wanted) in mismatched.items()}
-        problems.append(f"shapes that differ: {_listed(shapes)}")
-    if missing_on_load is not None:
-        head_missing = _head_keys(model) & missing_on_load
-        if head is not None and not head.separate_file:
-            may_lack = set() if head.layout in _WHOLE_HEAD_LAYOUTS or head.has_bias else {HEAD_BIAS_KEY}
-            head_missing -= may_lack
-        elif head_missing == _head_keys(model):
-            head_missing = set()  # no head in the checkpoint: a fresh one (or one read from its own file)
-        if head_missing:
-            problems.append(f"value head tensors it lacks: {_listed(head_missing)}")
-    own_layout = (head is not None and head.layout == "transformers-vhead") or any(
-        key.startswith(_OWN_PREFIXES) for key in unexpected
-    )
-    if own_layout:
-        unexpected -= _ignored(unexpected, base._keys_to_ignore_on_load_unexpected)
-        missing = missing_base - _ignored(missing_base, base._keys_to_ignore_on_load_missing)
-        if unexpected:
-            problems.append(f"tensors the model does not have: {_listed(unexpected)}")
-        if missing:
-            problems.append(f"weights of the model it lacks: {_listed(missing)}")
-    if problems:
-        raise CheckpointMismatchError(
-            f"The checkpoint at {source} does not fit the {type(base).__name__} its config describes: "
-            f"{'; '.join(problems)}. A tensor was renamed, dropped, added or resized (a corrupt or hand-edited "
-            "checkpoint), or config.json names another model than the weights are for. Restore the checkpoint and "
-            "its config.json from a good copy, or save the model again."
-        )
-
-
-def _check_head_file_fits(v_head: nn.Module, state_dict: dict[str, torch.Tensor], file: str) -> None:
-    """Raises `CheckpointMismatchError` unless a head read from a file of its own has exactly the head's tensors."""
-    expected = v_head.state_dict()
-    problems = []
-    if lacking := set(expected) - set(state_dict):
-        problems.append(f"it lacks {_listed(f'v_head.{key}' for key in lacking)}")
-    if extra := set(state_dict) - set(expected):
-        problems.append(f"the head has no {_listed(f'v_head.{key}' for key in extra)}")
-    resized = {
-        f"v_head.{key} (file {tuple(tensor.shape)}, model {tuple(expected[key].shape)})"
-        for key, tensor in state_dict.items()
-        if key in expected and tensor.shape != expected[key].shape
-    }
-    if resized:
-        problems.append(f"shapes that differ: {_listed(resized)}")
-    if problems:
-        raise CheckpointMismatchError(
-            f"The value head in {file} does not fit this model's head: {'; '.join(problems)}. The file is corrupt or "
-            "was written for another head (e.g. with or without a hidden layer). Restore it from a good copy, or load "
-            "the model without it for a fresh head."
-        )
-
-
-def _with_layout_settings(kwargs: dict, head: CheckpointHead) -> dict:
-    """`from_pretrained`'s keywords plus what loading `head` needs: its key mapping, and the settings its layout
-    implies (trlx's MLP width, OpenRLHF's reward statistics) unless the caller or a config of ours sets them."""
-    kwargs = dict(kwargs)
-    if head.key_mapping:
-        kwargs["key_mapping"] = {**head.key_mapping, **(kwargs.get("key_mapping") or {})}
-    config = kwargs.get("config")
-    if not isinstance(config, ValueHeadConfig):
-        return {**head.settings, **kwargs}
-    unset = {key: value for key, value in head.settings.items() if getattr(config, key) is None}
-    if unset:  # the caller's config object is left as it was
-        kwargs["config"] = copy.deepcopy(config)
-        for key, value in unset.items():
-            setattr(kwargs["config"], key, value)
-    return kwargs
-
-
-def _saved_head_settings(directory: str, config_class: type[ValueHeadConfig]) -> dict:
-    """The head's settings from a `config.json` this package saved next to an adapter (none for other adapters)."""
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as file:
-        try:
-            saved = json.load(file)
-        except ValueError as exc:  # not JSON, or not UTF-8
-            raise InvalidConfigError(
-                f"{path} is not valid JSON ({exc}): the file is corrupt or cut short. Save the model again with "
-                "save_pretrained, or download the file again."
-            ) from exc
-    if not isinstance(saved, dict) or saved.get("model_type") != config_class.model_type:
-        return {}
-    config_class.from_dict(dict(saved), name_or_path=directory)  # a field of the wrong type names this file
-    return {key: saved[key] for key in HEAD_SETTINGS if key in saved}
 
 
 def _head_settings(settings: dict) -> dict:

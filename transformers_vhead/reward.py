@@ -29,9 +29,10 @@ from .errors import (
 )
 from .heads import ScoreHead
 from .inputs import check_model_inputs
-from .loading import hub_kwargs_of, read_config_dict, read_tensor_shapes, read_tensors
 from .packing import is_packed_form, last_token_positions
 from .peft_support import is_peft_model, require_peft, without_peft
+from .safe_reading import read_tensor_shapes, read_tensors
+from .sources import SourceFiles, hub_kwargs_of
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -69,13 +70,14 @@ def _score_tensors(weights_file: str, shapes: dict[str, tuple[int, ...]]) -> dic
     return found
 
 
-def _normalization(model_id: str, hub_kwargs: dict) -> tuple[float | None, float | None]:
+def _normalization(files: SourceFiles) -> tuple[float | None, float | None]:
     """OpenRLHF's reward statistics: `mean` and `std` in a `config.json` saved next to the adapter.
 
     Raises:
         InvalidConfigError: the `config.json` is not a JSON object, or `mean` / `std` are not numbers.
     """
-    config = read_config_dict(model_id, hub_kwargs)
+    model_id = files.source
+    config = files.config_dict()
     mean, std = config.get("mean"), config.get("std")
     if mean is None or std is None:
         return None, None
@@ -114,8 +116,9 @@ def load_reward_adapter(
             "A reward adapter sits next to the policy's adapter on the same base weights, so it needs a PEFT policy: "
             "load the model with `peft_config=...` (or from a saved adapter), then add the reward adapter."
         )
-    adapter_model_id = str(adapter_model_id)
-    _, weights_file = require_adapter(adapter_model_id, hub_kwargs)
+    files = SourceFiles(adapter_model_id, hub_kwargs)
+    adapter = require_adapter(files)
+    weights_file = adapter.weights_file
     shapes = read_tensor_shapes(weights_file)
     tensors = _score_tensors(weights_file, shapes)
     weight = tensors["weight"]
@@ -125,10 +128,10 @@ def load_reward_adapter(
             f"{hidden_size} wide: the reward adapter was trained for another base model."
         )
     check_adapter_fits(model, weights_file, shapes)
-    mean, std = _normalization(adapter_model_id, hub_kwargs)
+    mean, std = _normalization(files)
     device = model.get_input_embeddings().weight.device
     head = ScoreHead(weight.to(device), tensors.get("bias"), mean=mean, std=std)  # bias from the score keys only
-    load_adapter(model, adapter_model_id, adapter_name, is_trainable=False, hub_kwargs=hub_kwargs)
+    load_adapter(model, adapter, adapter_name, is_trainable=False)
     logger.info(f"Reward adapter {adapter_name!r} loaded from {weights_file} ({head.out_features} label(s)).")
     return head
 
