@@ -251,24 +251,21 @@ def read_tensors(path: str, keep: Callable[[str], bool]) -> dict[str, torch.Tens
 
 class WeightsReader:
     """Reads the weights files of one load as the load will, each file once: a safetensors file's header (validated
-    whole), a pickle memory-mapped (its tensors kept, for the head's values). Of each tensor its name and whether it
-    is floating point are kept; the shapes of only the tensors asked for are looked at, and only the head's data is
-    read. Dropped when the look-up ends, before the load."""
+    whole), a pickle memory-mapped (its tensors kept, for the head's values). The shape and dtype of every tensor are
+    kept from that one read; only the head's data is read. Dropped when the look-up ends, before the load."""
 
     def __init__(self):
-        self._floating: dict[str, dict[str, bool]] = {}
+        self._infos: dict[str, dict[str, TensorInfo]] = {}
         self._pickles: dict[str, dict[str, torch.Tensor]] = {}
 
-    def _read(self, path: str) -> dict[str, bool]:
-        if path not in self._floating:
+    def _read(self, path: str) -> dict[str, TensorInfo]:
+        if path not in self._infos:
             if path.endswith(".safetensors"):
-                with _open_safetensors(path) as file:
-                    floating = {name: file.get_slice(name).get_dtype().startswith(("F", "BF")) for name in file.keys()}
+                self._infos[path] = read_safetensors_header(path)
             else:
                 self._pickles[path] = load_pickle_state_dict(path)
-                floating = {name: tensor.dtype.is_floating_point for name, tensor in self._pickles[path].items()}
-            self._floating[path] = floating
-        return self._floating[path]
+                self._infos[path] = {name: _pickle_info(tensor) for name, tensor in self._pickles[path].items()}
+        return self._infos[path]
 
     def keys(self, path: str) -> Collection[str]:
         """The names of the tensors in `path`, in its order (the file is checked, see [`read_safetensors_header`] and
@@ -277,14 +274,11 @@ class WeightsReader:
 
     def not_floating(self, path: str) -> list[str]:
         """The tensors of `path` whose dtype is not floating point (integers, bool)."""
-        return [name for name, floating in self._read(path).items() if not floating]
+        return [name for name, info in self._read(path).items() if not info.is_floating_point]
 
     def info(self, path: str, name: str) -> TensorInfo:
         """The shape and dtype of tensor `name` of `path`."""
-        if path in self._pickles:
-            return _pickle_info(self._pickles[path][name])
-        with _open_safetensors(path) as file:
-            return _safetensors_info(file.get_slice(name))
+        return self._read(path)[name]
 
     def tensors(self, path: str, names: Collection[str]) -> dict[str, torch.Tensor]:
         """The tensors `names` of `path` (a safetensors file reads only those)."""
