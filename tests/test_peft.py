@@ -94,6 +94,21 @@ def test_a_reloaded_adapter_is_frozen_unless_is_trainable(policy, tmp_path):
     assert all(parameter.requires_grad for parameter in lora_parameters(trainable).values())
 
 
+def test_the_policy_generation_config_comes_back_with_the_adapter(policy, llama_dir, tmp_path):
+    """`save_pretrained` writes the policy's generation config beside its adapter; the reload uses it, not the base
+    model's."""
+    base_tokens = AutoModelForCausalLMWithValueHead.from_pretrained(llama_dir).generation_config.max_new_tokens
+    policy.generation_config.max_new_tokens = 9
+    policy.save_pretrained(tmp_path / "policy")
+    reloaded = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "policy")
+    assert base_tokens != 9 and reloaded.generation_config.max_new_tokens == 9
+    assert reloaded.generation_config.to_dict() == policy.generation_config.to_dict()
+    input_ids = model_inputs("llama")["input_ids"][:1]
+    generated = reloaded.generate(input_ids=input_ids, do_sample=False)
+    assert generated.shape[1] == input_ids.shape[1] + 9  # the reloaded setting is the one generate uses
+    assert torch.equal(generated, policy.generate(input_ids=input_ids, do_sample=False))
+
+
 def test_head_settings_come_back_with_the_adapter(llama_dir, tmp_path):
     policy = AutoModelForCausalLMWithValueHead.from_pretrained(
         llama_dir, peft_config=policy_lora(), upcast_logits=False, summary_dropout_prob=0.0, score_mean=1.5

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
@@ -96,6 +96,8 @@ class LoadPlan:
     adapter: AdapterFiles | None = None
     adapter_head: CheckpointHead | None = None
     """The value head saved next to the adapter, which replaces the base's."""
+    generation_config_file: str | None = None
+    """The generation config saved next to the adapter (the policy's), which replaces the base model's."""
 
 
 def describe_source(
@@ -134,7 +136,8 @@ def describe_source(
     adapter_head = find_adapter_value_head(files, saved_by_us)
     if adapter_head is not None:
         _check_head_shape(adapter_head, plan.config.text_config, plan.config.v_head_hidden_size)
-    return replace(plan, adapter=adapter, adapter_head=adapter_head)
+    generation_config_file = files.find(GENERATION_CONFIG_NAME)
+    return replace(plan, adapter=adapter, adapter_head=adapter_head, generation_config_file=generation_config_file)
 
 
 def _describe_checkpoint(
@@ -308,6 +311,9 @@ def _build(plan: LoadPlan, model_args: tuple, is_trainable: bool, transformers_l
         model.pretrained_model = load_adapter(model.pretrained_model, plan.adapter, "default", is_trainable)
         if plan.adapter_head is not None:
             finish_head_load(model, replace(plan.adapter_head, separate_file=True))
+    if plan.generation_config_file is not None and model.can_generate():
+        folder, name = os.path.split(plan.generation_config_file)
+        model.generation_config = GenerationConfig.from_pretrained(folder, config_file_name=name)
     return (model, loading_info) if plan.load_kwargs.get("output_loading_info") else model
 
 
