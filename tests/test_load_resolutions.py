@@ -191,3 +191,24 @@ def test_load_adapter_on_a_peft_model_reads_the_adapter_config_once(sources, loo
     assert model.active_adapters() == ["default"]
     second = [p for n, p in model.pretrained_model.named_parameters() if ".second." in n]
     assert second and not any(p.requires_grad for p in second)
+
+
+def test_a_checkpoint_in_a_subfolder_loads_from_a_directory_and_by_hub_id(sources, lookups, tmp_path):
+    root, _ = sources
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "README.md").write_text("a repo holding its checkpoint in a subfolder\n")
+    AutoModelForCausalLMWithValueHead.from_pretrained(root / "ours").save_pretrained(repo / "critic")
+    cache = tmp_path / "subfolder-hub"
+    populate_hub_cache(cache, "org/repo", repo, commit="d" * 40)
+    local = AutoModelForCausalLMWithValueHead.from_pretrained(root / "ours")
+    inputs = model_inputs("llama")
+    lookups.clear()
+    snapshot = cache / "models--org--repo" / "snapshots" / ("d" * 40)
+    for source, hub_kwargs, folder in ((repo, {}, repo), ("org/repo", {"cache_dir": cache}, snapshot)):
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(source, subfolder="critic", **hub_kwargs)
+        lookups.assert_each_once()
+        assert torch.equal(model.compute_values(**inputs), local.compute_values(**inputs))
+        assert model.v_head_source.file == str(folder / "critic" / "model.safetensors")
+        assert model.name_or_path == str(source)
+    assert ("org/repo", "critic/config.json") in lookups.resolved
