@@ -131,11 +131,8 @@ def describe_source(
     saved_by_us = isinstance(kwargs.get("config"), ValueHeadConfig)  # the auto classes pass the config saved there
     if not saved_by_us:
         base_kwargs = {**_saved_head_settings(files, model_class.config_class), **base_kwargs}
-        saved_by_us = files.config_dict().get("model_type") in VALUE_HEAD_MODEL_TYPES
     plan = _describe_checkpoint(model_class, SourceFiles(base, hub_kwargs_of(base_kwargs)), base_kwargs)
-    adapter_head = find_adapter_value_head(files, saved_by_us)
-    if adapter_head is not None:
-        _check_head_shape(adapter_head, plan.config.text_config, plan.config.v_head_hidden_size)
+    adapter_head = _adapter_value_head(files, plan.config, saved_by_us)
     generation_config_file = files.find(GENERATION_CONFIG_NAME)
     return replace(plan, adapter=adapter, adapter_head=adapter_head, generation_config_file=generation_config_file)
 
@@ -201,6 +198,17 @@ def _with_layout_settings(config: ValueHeadConfig, head: CheckpointHead, caller:
         for key, value in unset.items():
             setattr(config, key, value)
     return config
+
+
+def _adapter_value_head(files: SourceFiles, config: ValueHeadConfig, saved_by_us: bool) -> CheckpointHead | None:
+    """The value head saved next to an adapter, checked against `config`, as a file of its own read after the load;
+    `saved_by_us` when the adapter's `config.json` is known to be this package's, else that file says."""
+    saved_by_us = saved_by_us or files.config_dict().get("model_type") in VALUE_HEAD_MODEL_TYPES
+    head = find_adapter_value_head(files, saved_by_us)
+    if head is None:
+        return None
+    _check_head_shape(head, config.text_config, config.v_head_hidden_size)
+    return replace(head, separate_file=True)
 
 
 def _saved_head_settings(files: SourceFiles, config_class: type[ValueHeadConfig]) -> dict[str, Any]:
@@ -310,7 +318,7 @@ def _build(plan: LoadPlan, model_args: tuple, is_trainable: bool, transformers_l
     if plan.adapter is not None:
         model.pretrained_model = load_adapter(model.pretrained_model, plan.adapter, "default", is_trainable)
         if plan.adapter_head is not None:
-            finish_head_load(model, replace(plan.adapter_head, separate_file=True))
+            finish_head_load(model, plan.adapter_head)
     if plan.generation_config_file is not None and model.can_generate():
         folder, name = os.path.split(plan.generation_config_file)
         model.generation_config = GenerationConfig.from_pretrained(folder, config_file_name=name)
@@ -319,11 +327,9 @@ def _build(plan: LoadPlan, model_args: tuple, is_trainable: bool, transformers_l
 
 def load_adapter_value_head(model: PreTrainedModelWrapper, files: SourceFiles) -> None:
     """Loads the value head saved next to an adapter (`files`), if there is one."""
-    head = find_adapter_value_head(files, files.config_dict().get("model_type") in VALUE_HEAD_MODEL_TYPES)
-    if head is None:
-        return
-    _check_head_shape(head, model.config.text_config, model.config.v_head_hidden_size)
-    finish_head_load(model, replace(head, separate_file=True))
+    head = _adapter_value_head(files, model.config, saved_by_us=False)
+    if head is not None:
+        finish_head_load(model, head)
 
 
 def finish_head_load(model: PreTrainedModelWrapper, head: CheckpointHead) -> None:
