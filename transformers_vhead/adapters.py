@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -134,6 +135,12 @@ class AdapterFiles:
     peft_config: PeftConfig
     """Its `adapter_config.json`, read once."""
 
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each tensor of the weights file, read once, when first asked for (see
+        [`read_tensor_shapes`])."""
+        return read_tensor_shapes(self.weights_file)
+
 
 def find_adapter(files: SourceFiles) -> AdapterFiles | None:
     """The adapter of a source (`None` when it holds no `adapter_config.json`), its config read and checked.
@@ -244,7 +251,7 @@ def load_adapter(
         CorruptCheckpointError: the adapter's weights file is truncated or corrupt.
     """
     peft = require_peft(f"Loading the PEFT adapter at {adapter.source}")
-    check_adapter_fits(model, adapter.weights_file, read_tensor_shapes(adapter.weights_file))
+    check_adapter_fits(model, adapter.weights_file, adapter.shapes)
     peft_config = copy.deepcopy(adapter.peft_config)  # peft sets `inference_mode` on it
     if not is_peft_model(model):
         return peft.PeftModel.from_pretrained(

@@ -31,7 +31,7 @@ from .heads import ScoreHead
 from .inputs import check_model_inputs
 from .packing import is_packed_form, last_token_positions
 from .peft_support import is_peft_model, require_peft, without_peft
-from .safe_reading import read_tensor_shapes, read_tensors
+from .safe_reading import read_tensors
 from .sources import SourceFiles, hub_kwargs_of
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def load_reward_adapter(
     files = SourceFiles(adapter_model_id, hub_kwargs)
     adapter = require_adapter(files)
     weights_file = adapter.weights_file
-    shapes = read_tensor_shapes(weights_file)
+    shapes = adapter.shapes
     tensors = _score_tensors(weights_file, shapes)
     weight = tensors["weight"]
     if weight.shape[-1] != hidden_size:
